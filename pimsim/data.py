@@ -1,0 +1,300 @@
+"""CIFAR-10 data: locate, load, normalize and sample the dataset, and download it (and checkpoints)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+_CHECKPOINT_BASE = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+CHECKPOINT_URLS = {
+    name: _CHECKPOINT_BASE + name
+    for name in (
+        "resnet20-12fca82f.th",
+        "resnet32-d509ac18.th",
+        "resnet44-014dd654.th",
+        "resnet56-4bfd9763.th",
+        "resnet110-1d1ed7c2.th",
+    )
+}
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+# Loaded batches, keyed by the resolved path of the batch file.
+_CACHE: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No folder holding ``cifar-10-batches-py/`` was found."""
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def candidate_data_dirs(explicit: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """Return the folders searched for ``cifar-10-batches-py/``, in search order, each with a label.
+
+    Order: ``explicit`` (``--data-dir`` / ``data.dir``), ``$PIMSIM_DATA``, the ``shared/data``
+    folder beside the checkout, then ``~/.cache/pimsim``.
+    """
+    candidates = []
+    if explicit is not None:
+        candidates.append(("--data-dir / data.dir", Path(explicit).expanduser()))
+    env = os.environ.get("PIMSIM_DATA")
+    if env:
+        candidates.append(("$PIMSIM_DATA", Path(env).expanduser()))
+    candidates.append(("shared/data beside the checkout", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    candidates.append(("user cache", Path.home() / ".cache" / "pimsim"))
+    return candidates
+
+
+def _how_to_get_data() -> str:
+    return "Get the data with `pimsim fetch --dest ~/.cache/pimsim`, or set PIMSIM_DATA to a folder holding it."
+
+
+def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Return the first candidate folder that contains ``cifar-10-batches-py/``.
+
+    An ``explicit`` folder without ``cifar-10-batches-py/`` is an error at once (no fall-through).
+    Raises DataNotFoundError listing every place looked at when nothing is found.
+    """
+    candidates = candidate_data_dirs(explicit)
+    if explicit is not None:
+        label, path = candidates[0]
+        if not (path / CIFAR_FOLDER).is_dir():
+            raise DataNotFoundError(
+                f"{path} ({label}) does not contain {CIFAR_FOLDER}/; pass the folder that holds it. "
+                + _how_to_get_data()
+            )
+        return path
+    for _, path in candidates:
+        if (path / CIFAR_FOLDER).is_dir():
+            return path
+    looked = "\n".join(f"  - {path} ({label})" for label, path in candidates)
+    raise DataNotFoundError(f"CIFAR-10 ({CIFAR_FOLDER}/) not found. Looked in:\n{looked}\n" + _how_to_get_data())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _unpickle(path: Path) -> dict:
+    """Unpickle a CIFAR batch file (str or bytes keys) into a dict; ValueError if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
+        raise ValueError(f"{path}: not a CIFAR-10 pickle ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+    return obj
+
+
+def _get(d: dict, key: str, path: Path):
+    """Return ``d[key]`` or ``d[key.encode()]``; ValueError naming the file and key if absent."""
+    if key in d:
+        return d[key]
+    if key.encode() in d:
+        return d[key.encode()]
+    raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(str(k) for k in d)})")
+
+
+def load_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Load one CIFAR-10 batch file: images uint8 [N, 3, 32, 32] and labels int64 [N]."""
+    path = Path(path)
+    d = _unpickle(path)
+    data = np.asarray(_get(d, "data", path))
+    labels = np.asarray(_get(d, "labels", path), dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 N x 3072, got {data.dtype} {data.shape}")
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cached_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load a batch file once; later calls return the same read-only arrays."""
+    key = path.resolve()
+    if key not in _CACHE:
+        images, labels = load_batch(key)
+        images.setflags(write=False)
+        labels.setflags(write=False)
+        _CACHE[key] = (images, labels)
+    return _CACHE[key]
+
+
+def load_cifar10(
+    split: str = "test", data_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load a CIFAR-10 split as (images uint8 [N, 3, 32, 32], labels int64 [N]).
+
+    ``split="test"`` reads ``test_batch``; ``split="train"`` reads every ``data_batch_*`` present,
+    in sorted order. ``limit`` keeps the first ``limit`` images. Arrays are cached and read-only:
+    copy them before modifying.
+    """
+    folder = find_data_dir(data_dir) / CIFAR_FOLDER
+    if split == "test":
+        files = [folder / "test_batch"]
+    elif split == "train":
+        files = sorted(folder.glob("data_batch_*"))
+    else:
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    missing = [f for f in files if not f.is_file()]
+    if not files or missing:
+        raise DataNotFoundError(f"no {split} batch files in {folder} (missing: {[f.name for f in missing]})")
+    batches = [_cached_batch(f) for f in files]
+    if len(batches) == 1:
+        images, labels = batches[0]
+    else:
+        images = np.concatenate([b[0] for b in batches])
+        labels = np.concatenate([b[1] for b in batches])
+        images.setflags(write=False)
+        labels.setflags(write=False)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def label_names(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Return the ten class names from ``batches.meta``."""
+    path = find_data_dir(data_dir) / CIFAR_FOLDER / "batches.meta"
+    names = _get(_unpickle(path), "label_names", path)
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """Convert uint8 images [N, 3, 32, 32] to normalized float32: ``(x / 255 - MEAN) / STD``."""
+    x = torch.tensor(np.asarray(images), dtype=torch.float32) / 255
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def calibration_set(
+    n: int, seed: int, data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``n`` training images without replacement with ``numpy.random.default_rng(seed)``.
+
+    Returns (images uint8 [n, 3, 32, 32], labels int64 [n]) in draw order.
+    """
+    images, labels = load_cifar10("train", data_dir)
+    if not 0 < n <= len(images):
+        raise ValueError(f"calibration set size must be in 1..{len(images)}, got {n}")
+    idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
+    return images[idx], labels[idx]
+
+
+# --------------------------------------------------------------------------- downloading
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    """Return the hex MD5 digest of a file."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_md5(path: Path, expected: str) -> None:
+    """Raise ValueError naming the file, expected and actual digest if they differ."""
+    got = md5sum(path)
+    if got != expected:
+        raise ValueError(f"md5 mismatch for {path}: expected {expected}, got {got}")
+
+
+def download(url: str, dest_file: str | os.PathLike, md5: str | None = None, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest_file`` via a ``.part`` file, with a progress bar; check ``md5`` if given.
+
+    Raises RuntimeError if the transfer fails and ValueError on an md5 mismatch (nothing is left
+    at ``dest_file`` in either case).
+    """
+    dest_file = Path(dest_file)
+    dest_file.parent.mkdir(parents=True, exist_ok=True)
+    part = dest_file.with_name(dest_file.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest_file.name, disable=not progress) as bar:
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"download of {url} failed: {e}") from e
+    if md5 is not None:
+        try:
+            _check_md5(part, md5)
+        except ValueError as e:
+            part.unlink()
+            raise ValueError(f"downloaded {url}: {e}") from e
+    part.replace(dest_file)
+    return dest_file
+
+
+def extract_cifar_archive(
+    tar_path: str | os.PathLike, dest_dir: str | os.PathLike, md5: str | None = None
+) -> Path:
+    """Extract the CIFAR-10 python archive into ``dest_dir`` and return ``dest_dir/cifar-10-batches-py``.
+
+    Checks ``md5`` first if given. Refuses (ValueError) members with absolute paths or ``..``
+    components and anything that is not a regular file or folder, and archives without a
+    ``cifar-10-batches-py/`` folder.
+    """
+    tar_path, dest_dir = Path(tar_path), Path(dest_dir)
+    if md5 is not None:
+        _check_md5(tar_path, md5)
+    with tarfile.open(tar_path, "r:*") as tar:
+        members = tar.getmembers()
+        for m in members:
+            name = PurePosixPath(m.name)
+            if name.is_absolute() or ".." in name.parts:
+                raise ValueError(f"{tar_path}: refusing unsafe member path {m.name!r}")
+            if not (m.isfile() or m.isdir()):
+                raise ValueError(f"{tar_path}: refusing member {m.name!r} (not a regular file or folder)")
+        if not any(PurePosixPath(m.name).parts[:1] == (CIFAR_FOLDER,) for m in members):
+            raise ValueError(f"{tar_path}: archive does not contain {CIFAR_FOLDER}/")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        tar.extractall(dest_dir, members=members, filter="data")
+    return dest_dir / CIFAR_FOLDER
+
+
+def fetch(dest: str | os.PathLike, what=("cifar10", "models"), progress: bool = True) -> dict[str, Path]:
+    """Download CIFAR-10 into ``dest`` and the published checkpoints into ``dest/models``.
+
+    ``what`` selects ``"cifar10"`` and/or ``"models"``. Skips a CIFAR archive already present
+    with the right md5 (and the extraction if all batch files are there) and checkpoints
+    already present. Returns the folder of each item fetched.
+    """
+    dest = Path(dest).expanduser()
+    unknown = set(what) - {"cifar10", "models"}
+    if unknown:
+        raise ValueError(f"unknown fetch item(s) {sorted(unknown)}; choose from 'cifar10', 'models'")
+    fetched = {}
+    if "cifar10" in what:
+        folder = dest / CIFAR_FOLDER
+        expected = ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]
+        if not all((folder / f).is_file() for f in expected):
+            archive = dest / "cifar-10-python.tar.gz"
+            if not (archive.is_file() and md5sum(archive) == CIFAR10_MD5):
+                download(CIFAR10_URL, archive, md5=CIFAR10_MD5, progress=progress)
+            extract_cifar_archive(archive, dest)
+        fetched["cifar10"] = folder
+    if "models" in what:
+        models_dir = dest / "models"
+        for name, url in CHECKPOINT_URLS.items():
+            if not (models_dir / name).is_file():
+                download(url, models_dir / name, progress=progress)
+        fetched["models"] = models_dir
+    return fetched

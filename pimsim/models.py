@@ -1,0 +1,310 @@
+"""Model zoo: CIFAR ResNets (He et al. 2016, akamaster layout), ImageNet-style ResNet-18/50, checkpoint loading.
+
+All models are plain ``nn.Module`` trees that ``torch.fx.symbolic_trace`` can trace.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import find_data_dir
+
+# Checkpoint file names, within <data_dir>/models/, used by default for each architecture.
+DEFAULT_CHECKPOINTS = {"resnet20": "resnet20-cifar10jpg.th", "resnet56": "resnet56-cifar10jpg.th"}
+
+# Float top-1 on test_batch of the shared data (models/README.md): FLOAT_TOP1[file][n_images],
+# for all 10,000 test images and for the first 1,000.
+FLOAT_TOP1 = {
+    "resnet20-cifar10jpg.th": {10000: 0.8804, 1000: 0.8980},
+    "resnet56-cifar10jpg.th": {10000: 0.8953, 1000: 0.9000},
+    "resnet20-12fca82f.th": {10000: 0.8103, 1000: 0.8160},
+    "resnet56-4bfd9763.th": {10000: 0.8320, 1000: 0.8330},
+}
+
+
+# --------------------------------------------------------------------------- CIFAR ResNets
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by ``stride`` in H and W, zero-pad ``pad`` channels on each side."""
+
+    def __init__(self, stride: int, pad: int):
+        super().__init__()
+        self.stride = stride
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Subsample spatially and zero-pad the channel dimension."""
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad={self.pad}"
+
+
+class CifarBasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity or option-A (``PadShortcut``) shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = PadShortcut(stride, planes // 4)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet with a 3x3 16-channel stem, three stages of 16/32/64 channels and ``n`` blocks each."""
+
+    def __init__(self, n: int, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, 16, n, stride=1)
+        self.layer2 = self._make_layer(16, 32, n, stride=2)
+        self.layer3 = self._make_layer(32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    @staticmethod
+    def _make_layer(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:
+        """A stage of ``n`` blocks; only the first one changes stride / width."""
+        blocks = [CifarBasicBlock(in_planes, planes, stride)]
+        blocks += [CifarBasicBlock(planes, planes) for _ in range(n - 1)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, three stages, global average pooling, linear classifier."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(torch.flatten(self.avgpool(out), 1))
+
+
+def _cifar_resnet(depth: int) -> Callable[..., CifarResNet]:
+    """Return a constructor ``f(num_classes=10)`` for the CIFAR ResNet of the given depth (6n + 2)."""
+
+    def build(num_classes: int = 10) -> CifarResNet:
+        return CifarResNet((depth - 2) // 6, num_classes)
+
+    build.__name__ = f"resnet{depth}"
+    build.__doc__ = f"CIFAR ResNet-{depth} (n = {(depth - 2) // 6} blocks per stage)."
+    return build
+
+
+resnet20 = _cifar_resnet(20)
+resnet32 = _cifar_resnet(32)
+resnet44 = _cifar_resnet(44)
+resnet56 = _cifar_resnet(56)
+resnet110 = _cifar_resnet(110)
+
+
+# --------------------------------------------------------------------------- ImageNet-style ResNets
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3x3 conv-BN layers, projection (``downsample``) shortcut when needed."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample if downsample is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 block (torchvision v1.5: stride on the 3x3 conv): 1x1 -> 3x3 -> 1x1 (x4 channels)."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample if downsample is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Three conv-BN layers with ReLUs, plus the (projected) shortcut."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    """ImageNet-style ResNet with torchvision parameter names.
+
+    ``cifar_stem=True`` replaces the 7x7 stride-2 stem and max-pool by a 3x3 stride-1 conv (no
+    pool), for 32x32 inputs.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: tuple[int, int, int, int],
+        num_classes: int = 1000,
+        cifar_stem: bool = False,
+    ):
+        super().__init__()
+        self.in_planes = 64
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        """A stage of ``blocks`` blocks; the first gets a 1x1 conv-BN ``downsample`` if shapes change."""
+        downsample = None
+        if stride != 1 or self.in_planes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.in_planes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.in_planes, planes, stride, downsample)]
+        self.in_planes = planes * block.expansion
+        layers += [block(self.in_planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, four stages, global average pooling, fully connected classifier."""
+        out = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(torch.flatten(self.avgpool(out), 1))
+
+
+def resnet18(num_classes: int = 1000, cifar_stem: bool = False) -> ResNet:
+    """ResNet-18 (BasicBlock, 2-2-2-2)."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, cifar_stem)
+
+
+def resnet50(num_classes: int = 1000, cifar_stem: bool = False) -> ResNet:
+    """ResNet-50 (Bottleneck, 3-4-6-3)."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, cifar_stem)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """torch.load on CPU, weights only if possible (falls back to full unpickling otherwise)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint into ``model`` and return it in eval mode.
+
+    Accepts ``{'state_dict': {...}}`` or a bare state_dict, keys with or without the ``module.``
+    prefix. BatchNorm ``num_batches_tracked`` counters may be absent (the published akamaster
+    checkpoints lack them). Raises FileNotFoundError for a missing file and ValueError naming
+    the file and the first offending keys for missing/unexpected keys or shape mismatches.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = _read_checkpoint(path)
+    state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict or {{'state_dict': ...}}, got {type(ckpt).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict({**expected, **state})
+    return model.eval()
+
+
+def default_checkpoint_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Return ``<data_dir>/models/<DEFAULT_CHECKPOINTS[name]>`` (data dir found by ``find_data_dir``)."""
+    if name not in DEFAULT_CHECKPOINTS:
+        raise ValueError(f"no default checkpoint for {name!r}; available for: {', '.join(DEFAULT_CHECKPOINTS)}")
+    return find_data_dir(data_dir) / "models" / DEFAULT_CHECKPOINTS[name]
+
+
+def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None) -> nn.Module:
+    """Build zoo model ``name`` (optionally with ``num_classes`` outputs), load ``checkpoint`` if given.
+
+    Returns the model in eval mode. Unknown names raise ValueError listing the allowed ones.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    model = MODELS[name]() if num_classes is None else MODELS[name](num_classes=num_classes)
+    if checkpoint is not None:
+        return load_checkpoint(model, checkpoint)
+    return model.eval()

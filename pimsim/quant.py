@@ -1,0 +1,290 @@
+"""Symmetric signed quantizer (Eq. 1-2) and the tile granularity of an O x K weight matrix.
+
+``quantize``/``dequantize`` work on numpy arrays and torch tensors alike. ``TileGrid`` is a small
+value object saying how an im2col weight matrix is cut into r x c sub-matrices, each with its own
+scale: regular tiles (Method 1), r rows with m horizontal splits (Method 2), layerwise and
+channelwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MIN_BITS = 2
+MAX_BITS = 16
+
+
+def check_bits(bits, what: str = "bits") -> int:
+    """Return ``bits`` as int, or raise ValueError unless it is a whole number in 2..16."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise ValueError(f"{what} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    return int(bits)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range ``(-2^(b-1), 2^(b-1) - 1)`` of a b-bit quantizer."""
+    bits = check_bits(bits)
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def int_dtype(bits: int) -> np.dtype:
+    """Storage dtype of b-bit integers: int8 up to 8 bits, int16 above."""
+    return np.dtype(np.int8) if check_bits(bits) <= 8 else np.dtype(np.int16)
+
+
+def _is_torch(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _check_scale(scale, x):
+    """Validate a scale (scalar or broadcastable array) and return it as x's array type."""
+    if _is_torch(scale):
+        s = scale.detach().to(torch.float64).cpu().numpy()
+    else:
+        s = np.asarray(scale, dtype=np.float64)
+    if s.size == 0:
+        raise ValueError("scale is empty")
+    if np.isnan(s).any():
+        raise ValueError("scale contains NaN")
+    if not np.isfinite(s).all():
+        raise ValueError("scale contains inf")
+    if (s <= 0).any():
+        raise ValueError(f"scale must be > 0, got min {s.min()!r}")
+    if _is_torch(x):
+        if _is_torch(scale):
+            return scale.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+        return torch.as_tensor(s, dtype=x.dtype if x.is_floating_point() else torch.float32,
+                               device=x.device)
+    return s
+
+
+def _check_finite(x):
+    ok = torch.isfinite(x).all().item() if _is_torch(x) else np.isfinite(x).all()
+    if not ok:
+        n_nan = int(torch.isnan(x).sum()) if _is_torch(x) else int(np.isnan(x).sum())
+        kind = "NaN" if n_nan else "inf"
+        raise ValueError(f"data to quantize contains {kind} values")
+
+
+def quantize(x, scale, bits: int, out_dtype=None):
+    """Eq. 1: ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)``.
+
+    ``x`` is a numpy array or torch tensor; ``scale`` a positive scalar or an array that
+    broadcasts against ``x``. Rounding is half-to-even (numpy and torch agree on it). Returns
+    integers in the storage dtype of ``bits`` (int8 up to 8 bits, int16 above) unless
+    ``out_dtype`` is given (e.g. ``np.float32`` for integer-valued floats ready for BLAS).
+    """
+    bits = check_bits(bits)
+    lo, hi = qrange(bits)
+    _check_finite(x)
+    s = _check_scale(scale, x)
+    if _is_torch(x):
+        xf = x if x.is_floating_point() else x.to(torch.float32)
+        q = torch.clamp(torch.round(xf / s), lo, hi)
+        dt = out_dtype or (torch.int8 if bits <= 8 else torch.int16)
+        return q.to(dt)
+    xf = np.asarray(x)
+    if not np.issubdtype(xf.dtype, np.floating):
+        xf = xf.astype(np.float64)
+    q = np.clip(np.rint(xf / s), lo, hi)
+    return q.astype(out_dtype or int_dtype(bits))
+
+
+def dequantize(q, scale):
+    """Eq. 2: ``x ~= s * q`` (float32 result for integer input)."""
+    if _is_torch(q):
+        s = scale if _is_torch(scale) else torch.as_tensor(np.asarray(scale), dtype=torch.float32)
+        return q.to(torch.float32) * s.to(torch.float32)
+    return np.asarray(q, dtype=np.float32) * np.asarray(scale, dtype=np.float32)
+
+
+def fake_quantize(x, scale, bits: int):
+    """Quantize then dequantize: the float value the integer hardware represents."""
+    q = quantize(x, scale, bits, out_dtype=torch.float32 if _is_torch(x) else np.float32)
+    return q * (_check_scale(scale, x) if _is_torch(x) else np.asarray(scale, np.float32))
+
+
+def max_scale(absmax, bits: int):
+    """The ``max`` calibration scale ``max|x| / (2^(b-1) - 1)``; an all-zero block gets scale 1."""
+    hi = qrange(bits)[1]
+    a = np.asarray(absmax, dtype=np.float64)
+    return np.where(a > 0, a / hi, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Granularity
+# --------------------------------------------------------------------------------------------
+
+KINDS = ("tile", "split", "layerwise", "channelwise")
+
+
+def _check_size(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    if v <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {v}")
+    return int(v)
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """How a layer's weight matrix is shared out among scaling factors, before knowing O x K.
+
+    ``kind``: ``"tile"`` (Method 1: r x c), ``"split"`` (Method 2: r rows, m horizontal splits,
+    c = ceil(K/m)), ``"layerwise"`` (one scale) or ``"channelwise"`` (one scale per row).
+    ``resolve(O, K)`` gives the concrete ``TileGrid`` of a layer.
+    """
+
+    kind: str
+    r: int | None = None
+    c: int | None = None
+    m: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"granularity kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "tile":
+            _check_size(self.r, "tile rows r")
+            _check_size(self.c, "tile columns c")
+        elif self.kind == "split":
+            _check_size(self.r, "tile rows r")
+            _check_size(self.m, "splits m")
+
+    @classmethod
+    def tile(cls, r: int, c: int) -> "Granularity":
+        return cls("tile", r=r, c=c)
+
+    @classmethod
+    def split(cls, r: int, m: int) -> "Granularity":
+        return cls("split", r=r, m=m)
+
+    @classmethod
+    def layerwise(cls) -> "Granularity":
+        return cls("layerwise")
+
+    @classmethod
+    def channelwise(cls) -> "Granularity":
+        return cls("channelwise")
+
+    def resolve(self, O: int, K: int) -> "TileGrid":
+        """The tile grid of an O x K matrix (tile sizes larger than the matrix clamp to it)."""
+        O = _check_size(O, "O (rows)")
+        K = _check_size(K, "K (columns)")
+        if self.kind == "tile":
+            r, c = self.r, self.c
+        elif self.kind == "split":
+            r, c = self.r, math.ceil(K / min(self.m, K))
+        elif self.kind == "layerwise":
+            r, c = O, K
+        else:
+            r, c = 1, K
+        return TileGrid(O, K, min(r, O), min(c, K))
+
+    def label(self) -> str:
+        if self.kind == "tile":
+            return f"{self.r}x{self.c}"
+        if self.kind == "split":
+            return f"{self.r}x(K/{self.m})"
+        return self.kind
+
+    def __str__(self) -> str:
+        return self.label()
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The concrete cut of an O x K matrix into tiles of r rows and c columns.
+
+    Tiles on the bottom and right edges are smaller when r or c does not divide O or K.
+    The scale array of the layer has shape ``(ceil(O/r), ceil(K/c))``.
+    """
+
+    O: int
+    K: int
+    r: int
+    c: int
+
+    def __post_init__(self):
+        for v, what in ((self.O, "O"), (self.K, "K"), (self.r, "r"), (self.c, "c")):
+            _check_size(v, what)
+        if self.r > self.O or self.c > self.K:
+            raise ValueError(f"tile {self.r}x{self.c} larger than matrix {self.O}x{self.K}")
+
+    @property
+    def n_row_blocks(self) -> int:
+        return -(-self.O // self.r)
+
+    @property
+    def n_col_blocks(self) -> int:
+        return -(-self.K // self.c)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the scale array: ``(ceil(O/r), ceil(K/c))``."""
+        return self.n_row_blocks, self.n_col_blocks
+
+    @property
+    def n_tiles(self) -> int:
+        return self.n_row_blocks * self.n_col_blocks
+
+    def row_slice(self, i: int) -> slice:
+        if not 0 <= i < self.n_row_blocks:
+            raise IndexError(f"row block {i} out of range 0..{self.n_row_blocks - 1}")
+        return slice(i * self.r, min((i + 1) * self.r, self.O))
+
+    def col_slice(self, j: int) -> slice:
+        if not 0 <= j < self.n_col_blocks:
+            raise IndexError(f"column block {j} out of range 0..{self.n_col_blocks - 1}")
+        return slice(j * self.c, min((j + 1) * self.c, self.K))
+
+    def tile_slices(self, i: int, j: int) -> tuple[slice, slice]:
+        """``(rows, cols)`` slices of tile (i, j)."""
+        return self.row_slice(i), self.col_slice(j)
+
+    def tiles(self):
+        """Iterate ``(i, j, rows, cols)`` over all tiles, row-block major."""
+        for i in range(self.n_row_blocks):
+            for j in range(self.n_col_blocks):
+                yield (i, j) + self.tile_slices(i, j)
+
+    def row_block_index(self) -> np.ndarray:
+        """``i(o)`` for every row o: the row block it belongs to (int64, length O)."""
+        return np.arange(self.O, dtype=np.int64) // self.r
+
+    def col_bounds(self) -> np.ndarray:
+        """Column boundaries ``[0, c, 2c, ..., K]`` (int64, length n_col_blocks + 1)."""
+        return np.minimum(np.arange(self.n_col_blocks + 1, dtype=np.int64) * self.c, self.K)
+
+    def expand(self, scales) -> np.ndarray:
+        """Broadcast a ``(ceil(O/r), ceil(K/c))`` scale array to the full O x K matrix."""
+        s = np.asarray(scales)
+        if s.shape != self.shape:
+            raise ValueError(f"scale array shape {s.shape} != grid shape {self.shape}")
+        return np.repeat(np.repeat(s, self.r, axis=0)[: self.O], self.c, axis=1)[:, : self.K]
+
+    def block_absmax(self, w) -> np.ndarray:
+        """``max|W_ij|`` of every tile, shape ``(ceil(O/r), ceil(K/c))``."""
+        w = np.abs(np.asarray(w, dtype=np.float64))
+        if w.shape != (self.O, self.K):
+            raise ValueError(f"matrix shape {w.shape} != grid {self.O}x{self.K}")
+        rows = np.maximum.reduceat(w, np.arange(0, self.O, self.r), axis=0)
+        return np.maximum.reduceat(rows, self.col_bounds()[:-1], axis=1)
+
+
+def max_scales(w, grid: TileGrid, bits: int) -> np.ndarray:
+    """Per-tile ``max`` calibration scales ``max|W_ij| / (2^(b-1) - 1)`` (float64)."""
+    return max_scale(grid.block_absmax(w), bits)
+
+
+def quantize_weight(w, grid: TileGrid, scales, bits: int) -> np.ndarray:
+    """Quantize an O x K weight matrix tile by tile with its ``grid.shape`` scale array."""
+    w = np.asarray(w)
+    if w.shape != (grid.O, grid.K):
+        raise ValueError(f"matrix shape {w.shape} != grid {grid.O}x{grid.K}")
+    return quantize(w, grid.expand(scales), bits)
