@@ -42,12 +42,10 @@ def _is_torch(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def _check_scale(scale, x):
-    """Validate a scale (scalar or broadcastable array) and return it as x's array type."""
-    if _is_torch(scale):
-        s = scale.detach().to(torch.float64).cpu().numpy()
-    else:
-        s = np.asarray(scale, dtype=np.float64)
+def _check_scale(scale):
+    """Validate a scale (positive scalar or broadcastable array); returned as float64 numpy."""
+    s = scale.detach().to(torch.float64).cpu().numpy() if _is_torch(scale) else \
+        np.asarray(scale, dtype=np.float64)
     if s.size == 0:
         raise ValueError("scale is empty")
     if np.isnan(s).any():
@@ -56,11 +54,6 @@ def _check_scale(scale, x):
         raise ValueError("scale contains inf")
     if (s <= 0).any():
         raise ValueError(f"scale must be > 0, got min {s.min()!r}")
-    if _is_torch(x):
-        if _is_torch(scale):
-            return scale.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
-        return torch.as_tensor(s, dtype=x.dtype if x.is_floating_point() else torch.float32,
-                               device=x.device)
     return s
 
 
@@ -76,23 +69,19 @@ def quantize(x, scale, bits: int, out_dtype=None):
     """Eq. 1: ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)``.
 
     ``x`` is a numpy array or torch tensor; ``scale`` a positive scalar or an array that
-    broadcasts against ``x``. Rounding is half-to-even (numpy and torch agree on it). Returns
+    broadcasts against ``x``. ``x / s`` is formed in float64 and rounded half-to-even, so numpy
+    and torch give the same integers for the same data. Returns
     integers in the storage dtype of ``bits`` (int8 up to 8 bits, int16 above) unless
     ``out_dtype`` is given (e.g. ``np.float32`` for integer-valued floats ready for BLAS).
     """
     bits = check_bits(bits)
     lo, hi = qrange(bits)
     _check_finite(x)
-    s = _check_scale(scale, x)
+    s = _check_scale(scale)
     if _is_torch(x):
-        xf = x if x.is_floating_point() else x.to(torch.float32)
-        q = torch.clamp(torch.round(xf / s), lo, hi)
-        dt = out_dtype or (torch.int8 if bits <= 8 else torch.int16)
-        return q.to(dt)
-    xf = np.asarray(x)
-    if not np.issubdtype(xf.dtype, np.floating):
-        xf = xf.astype(np.float64)
-    q = np.clip(np.rint(xf / s), lo, hi)
+        q = torch.clamp(torch.round(x.to(torch.float64) / torch.from_numpy(s).to(x.device)), lo, hi)
+        return q.to(out_dtype or (torch.int8 if bits <= 8 else torch.int16))
+    q = np.clip(np.rint(np.asarray(x, dtype=np.float64) / s), lo, hi)
     return q.astype(out_dtype or int_dtype(bits))
 
 
@@ -105,16 +94,14 @@ def dequantize(q, scale):
 
 
 def fake_quantize(x, scale, bits: int):
-    """Quantize then dequantize: the float value the integer hardware represents."""
-    q = quantize(x, scale, bits, out_dtype=torch.float32 if _is_torch(x) else np.float32)
-    return q * (_check_scale(scale, x) if _is_torch(x) else np.asarray(scale, np.float32))
+    """Quantize then dequantize (float32): the value the integer hardware represents."""
+    return dequantize(quantize(x, scale, bits), scale)
 
 
 def max_scale(absmax, bits: int):
     """The ``max`` calibration scale ``max|x| / (2^(b-1) - 1)``; an all-zero block gets scale 1."""
-    hi = qrange(bits)[1]
-    a = np.asarray(absmax, dtype=np.float64)
-    return np.where(a > 0, a / hi, 1.0)
+    s = np.asarray(absmax, dtype=np.float64) / qrange(bits)[1]
+    return np.where(s > 0, s, 1.0)      # all-zero (or subnormal) block: any scale, take 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Calibration: choose every quantized layer's tile scales and activation scale.
+
+Layers are calibrated in network order in one pass over the calibration batch: when the pass
+reaches a layer, all earlier layers are already quantized, so the layer sees the input the
+quantized network really gives it; it picks its scales, quantizes itself, and its quantized
+output feeds the next layer. Methods: ``max`` (``s = max|W_ij| / (2^(b-1)-1)`` per tile,
+activation scale from the max of the calibration input). The PTQ-SL search plugs in as
+another method.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .network import GemmLayer, LayerQuant, Network
+from .quant import Granularity, max_scale, max_scales
+
+METHODS = ("max",)
+
+
+def _max_method(layer: GemmLayer, x: torch.Tensor, gran: Granularity, w_bits: int,
+                a_bits: int) -> LayerQuant:
+    grid = gran.resolve(layer.O, layer.K)
+    w_scales = max_scales(layer.weight_matrix(), grid, w_bits)
+    act_scale = float(max_scale(float(x.abs().max()), a_bits))
+    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"})
+
+
+_METHOD_FNS = {"max": _max_method}
+
+
+def resolve_float_layers(net: Network, float_layers) -> set[str]:
+    """``auto`` -> first and last GEMM layer; a list of names is checked against the network."""
+    if float_layers == "auto":
+        return set(net.default_float_layers())
+    names = {l.name for l in net.layers}
+    unknown = [n for n in float_layers if n not in names]
+    if unknown:
+        raise ValueError(f"quant.float_layers: unknown layer(s) {unknown}; layers: {sorted(names)}")
+    return set(float_layers)
+
+
+def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
+              method: str = "max", float_layers="auto", progress: bool = True) -> dict:
+    """Quantize every GEMM layer of ``net`` except ``float_layers``, in network order.
+
+    ``images`` is the (normalized) calibration batch. Returns ``{"calibration_s", "layers"}``.
+    """
+    if method not in _METHOD_FNS:
+        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    fn = _METHOD_FNS[method]
+    keep = resolve_float_layers(net, float_layers)
+    todo = [l for l in net.layers if l.name not in keep]
+    for l in net.layers:
+        l.clear_quant()
+    bar = tqdm(total=len(todo), desc=f"calibrate ({method})", disable=not progress, leave=False)
+
+    def hook(layer: GemmLayer, x: torch.Tensor):
+        layer.hook = None
+        layer.set_quant(fn(layer, x, gran, w_bits, a_bits))
+        layer.mode = "fake"             # the quantized output feeds the next layer
+        bar.update(1)
+        return None
+
+    t0 = time.perf_counter()
+    for l in todo:
+        l.hook = hook
+    try:
+        with torch.no_grad():
+            net(images)
+    finally:
+        for l in net.layers:
+            l.hook = None
+        bar.close()
+    missed = [l.name for l in todo if l.quant is None]
+    if missed:
+        raise RuntimeError(f"layers never reached by the forward pass: {missed}")
+    return {"calibration_s": time.perf_counter() - t0,
+            "float_layers": [l.name for l in net.layers if l.name in keep]}

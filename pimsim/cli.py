@@ -1,0 +1,103 @@
+"""Command-line interface: parses arguments, calls the library, prints and saves results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _cmd_run(args) -> int:
+    from .config import load
+    from .simulate import run
+    cfg = load(args.config, args.set)
+    if args.backend:
+        cfg.data["eval"]["backend"] = args.backend
+    res = run(cfg, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)
+    q = res["config"]["quant"]
+    print(f"model {res['config']['model']['name']}  W{q['weight_bits']}A{q['act_bits']}  "
+          f"tile {cfg.granularity}  calibration {q['calibration']}  "
+          f"backend {res['config']['eval']['backend']}")
+    print(f"{'layer':<20}{'O':>6}{'K':>6}{'tile':>12}{'scales':>8}")
+    for l in res["layers"]:
+        print(f"{l['name']:<20}{l['O']:>6}{l['K']:>6}{'%dx%d' % tuple(l['tile']):>12}{l['scales']:>8}")
+    print(f"float layers: {', '.join(res['float_layers']) or '-'}")
+    print(f"images {res['images']}  float top-1 {100 * res['fp_top1']:.2f}%  "
+          f"quantized top-1 {100 * res['top1']:.2f}%  "
+          f"(calibration {res['calibration_s']:.1f}s, eval {res['eval_s']:.1f}s)")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from .data import fetch
+    what = tuple(args.what) if args.what else ("cifar10", "models")
+    paths = fetch(args.dest, what=what, progress=not args.quiet)
+    for k, p in paths.items():
+        print(f"{k}: {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pimsim",
+        description="Simulate sub-layerwise (PTQ-SL) quantized networks on PIM crossbar tiles.")
+    p.add_argument("--version", action="version", version=f"pimsim {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="calibrate and evaluate a network on a crossbar config",
+                       description="Calibrate the configured network on the calibration images, "
+                                   "then evaluate float and quantized top-1 on CIFAR-10 test.")
+    r.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by dotted path, value read as YAML "
+                        "(e.g. --set quant.tile='[16, 36]'); repeatable")
+    r.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate only the first N test images")
+    r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    r.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
+    r.add_argument("--backend", choices=("kernel", "fake"), default=None,
+                   help="override eval.backend")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=_cmd_run)
+
+    f = sub.add_parser("fetch", help="download CIFAR-10 and the published checkpoints "
+                                     "(needs internet)")
+    f.add_argument("--dest", default=str(Path.home() / ".cache" / "pimsim"),
+                   help="where to put them (default ~/.cache/pimsim)")
+    f.add_argument("--what", nargs="+", choices=("cifar10", "models"), default=None)
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(fn=_cmd_fetch)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    from .config import ConfigError
+    from .data import DataNotFoundError
+    from .network import UnsupportedModelError
+    try:
+        return args.fn(args)
+    except (ConfigError, DataNotFoundError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"pimsim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pimsim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""YAML configuration -> validated, typed config. Every error names file, key, value and what is
+allowed, and is raised before any work starts.
+
+Schema (defaults in brackets; see README for the full table):
+
+    model.name          zoo model name                                   [resnet20]
+    model.checkpoint    checkpoint file, or null for the zoo default     [null]
+    quant.weight_bits   2..16                                            [4]
+    quant.act_bits      2..16                                            [8]
+    quant.tile          channelwise | layerwise | [r, c] | [r, null]     [channelwise]
+    quant.splits        m of Method 2 (with tile [r, null]), or null     [null]
+    quant.calibration   max                                              [max]
+    quant.calib_images  calibration images from data_batch_1             [128]
+    quant.seed          seed of the calibration draw                     [0]
+    quant.float_layers  auto (first and last GEMM) | list of layer names [auto]
+    data.dir            data folder holding cifar-10-batches-py/, or null [null]
+    eval.batch_size     images per evaluation batch                      [500]
+    eval.backend        kernel (tiled-integer Numba kernel) | fake       [kernel]
+    eval.limit          evaluate the first N test images, or null = all  [null]
+    eval.threads        threads for torch and Numba, 0 = all cores       [0]
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .quant import Granularity, MAX_BITS, MIN_BITS
+
+CALIBRATIONS = ("max",)
+BACKENDS = ("kernel", "fake")
+
+
+class ConfigError(ValueError):
+    """A configuration problem: ``file: key: value: what is allowed``."""
+
+
+def _fmt(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=200).strip().removesuffix("...").strip()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its default, a check returning an error text (or None) and a doc."""
+
+    default: object
+    check: object
+    doc: str
+
+
+def _int_in(lo, hi=None):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"must be an integer{'' if hi is None else f' in {lo}..{hi}'}"
+        if v < lo or (hi is not None and v > hi):
+            return f"must be in {lo}..{hi}" if hi is not None else f"must be >= {lo}"
+        return None
+    return check
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _one_of(options):
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _str(v):
+    return None if isinstance(v, str) and v else "must be a non-empty string"
+
+
+def _tile(v):
+    msg = "must be channelwise, layerwise, [r, c] or [r, null] (with quant.splits), r and c >= 1"
+    if v in ("channelwise", "layerwise"):
+        return None
+    if not isinstance(v, list) or len(v) != 2:
+        return msg
+    r, c = v
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        return msg
+    if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+        return msg
+    return None
+
+
+def _float_layers(v):
+    if v == "auto":
+        return None
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        return None
+    return "must be auto or a list of layer names"
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "model": {
+        "name": Key("resnet20", _str, "model of the zoo (pimsim.models.MODELS)"),
+        "checkpoint": Key(None, _optional(_str),
+                          "checkpoint file; relative paths are looked up beside the YAML file, "
+                          "then in <data dir>/models/; null = the zoo default"),
+    },
+    "quant": {
+        "weight_bits": Key(4, _int_in(MIN_BITS, MAX_BITS), "weight bits b_w"),
+        "act_bits": Key(8, _int_in(MIN_BITS, MAX_BITS), "activation bits b_a"),
+        "tile": Key("channelwise", _tile, "sub-matrix shape: channelwise, layerwise, [r, c] "
+                    "(Method 1) or [r, null] with splits (Method 2)"),
+        "splits": Key(None, _optional(_int_in(1)), "m of Method 2: c = ceil(K / m)"),
+        "calibration": Key("max", _one_of(CALIBRATIONS), "scale calibration method"),
+        "calib_images": Key(128, _int_in(1, 10000), "calibration images from data_batch_1"),
+        "seed": Key(0, _int_in(0), "seed of the calibration image draw"),
+        "float_layers": Key("auto", _float_layers,
+                            "layers kept in float: auto (first and last) or a list of names"),
+    },
+    "data": {
+        "dir": Key(None, _optional(_str), "data folder with cifar-10-batches-py/ (and models/)"),
+    },
+    "eval": {
+        "batch_size": Key(500, _int_in(1), "test images per batch"),
+        "backend": Key("kernel", _one_of(BACKENDS),
+                       "kernel: tiled-integer Numba kernel (exact); fake: dequantized torch conv"),
+        "limit": Key(None, _optional(_int_in(1)), "evaluate only the first N test images"),
+        "threads": Key(0, _int_in(0), "threads for torch and Numba (0 = all cores)"),
+    },
+}
+
+
+def defaults() -> dict:
+    """The default configuration as a nested dict."""
+    return {sec: {k: copy.deepcopy(key.default) for k, key in keys.items()}
+            for sec, keys in SCHEMA.items()}
+
+
+def parse_override(text: str, source: str = "--set"):
+    """``key.path=value`` with the value read as YAML -> (path, value)."""
+    if "=" not in text:
+        raise ConfigError(f"{source}: {text!r}: expected key=value, e.g. quant.tile='[16, 36]'")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: {key}: {raw!r}: not valid YAML ({e.problem})") from None
+    return key.strip(), value
+
+
+@dataclass
+class Config:
+    """A validated configuration: ``data`` is the resolved nested dict, ``source`` its file."""
+
+    data: dict
+    source: str = "<defaults>"
+
+    def __getitem__(self, dotted: str):
+        sec, _, key = dotted.partition(".")
+        return self.data[sec][key]
+
+    @property
+    def granularity(self) -> Granularity:
+        tile, splits = self["quant.tile"], self["quant.splits"]
+        if tile == "channelwise":
+            return Granularity.channelwise()
+        if tile == "layerwise":
+            return Granularity.layerwise()
+        r, c = tile
+        return Granularity.split(r, splits) if c is None else Granularity.tile(r, c)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.data)
+
+
+def _err(source, key, value, what) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {_fmt(value)}: {what}")
+
+
+def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
+    """Merge ``raw`` and ``overrides`` ([(dotted key, value)]) onto the defaults and check all."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections "
+                          f"({', '.join(SCHEMA)}), got {type(raw).__name__}")
+    data = defaults()
+    items = []
+    for sec, body in raw.items():
+        if sec not in SCHEMA:
+            raise _err(source, sec, "...", f"unknown section; allowed: {', '.join(SCHEMA)}")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise _err(source, sec, body, "must be a mapping of keys")
+        items += [(f"{sec}.{k}", v, source) for k, v in body.items()]
+    items += [(k, v, "--set") for k, v in overrides]
+    for dotted, value, where in items:
+        sec, _, key = dotted.partition(".")
+        if sec not in SCHEMA:
+            raise _err(where, dotted, value, f"unknown section; allowed: {', '.join(SCHEMA)}")
+        if key not in SCHEMA[sec]:
+            raise _err(where, dotted, value,
+                       f"unknown key; allowed in {sec}: {', '.join(SCHEMA[sec])}")
+        problem = SCHEMA[sec][key].check(value)
+        if problem:
+            raise _err(where, dotted, value, problem)
+        data[sec][key] = value
+    # cross-field rules
+    from .models import MODELS
+    if data["model"]["name"] not in MODELS:
+        raise _err(source, "model.name", data["model"]["name"],
+                   f"unknown model; allowed: {', '.join(MODELS)}")
+    tile, splits = data["quant"]["tile"], data["quant"]["splits"]
+    if isinstance(tile, list) and tile[1] is None and splits is None:
+        raise _err(source, "quant.tile", tile, "[r, null] needs quant.splits (Method 2: c = ceil(K/m))")
+    if splits is not None and not (isinstance(tile, list) and tile[1] is None):
+        raise _err(source, "quant.splits", splits, "only with quant.tile: [r, null]")
+    return Config(data, source)
+
+
+def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path:
+    """The checkpoint file of ``cfg``: the zoo default or the given path, which must exist."""
+    from .models import DEFAULT_CHECKPOINTS
+    name, ckpt = cfg["model.name"], cfg["model.checkpoint"]
+    if ckpt is None:
+        if name not in DEFAULT_CHECKPOINTS:
+            raise _err(cfg.source, "model.checkpoint", None,
+                       f"model {name} has no default checkpoint; give a file")
+        ckpt = DEFAULT_CHECKPOINTS[name]
+    p = Path(ckpt).expanduser()
+    looked = [p] if p.is_absolute() else []
+    if not p.is_absolute():
+        if cfg.source not in ("<config>", "<defaults>"):
+            looked.append(Path(cfg.source).resolve().parent / p)
+        looked.append(Path.cwd() / p)
+        if data_dir is not None:
+            looked.append(Path(data_dir) / "models" / p)
+    for cand in looked:
+        if cand.is_file():
+            return cand
+    raise _err(cfg.source, "model.checkpoint", ckpt,
+               "file not found; looked in " + ", ".join(str(c) for c in looked)
+               + " (pimsim fetch downloads the published checkpoints)")
+
+
+def load(path, overrides=()) -> Config:
+    """Read and validate a YAML config file; ``overrides`` are ``key=value`` strings."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return validate(raw, str(path), [parse_override(o) for o in overrides])

@@ -1,0 +1,447 @@
+"""The tiled integer matrix product of Eq. 5, exact and fast, with a plain NumPy reference.
+
+    Y[o, n] = s_x * sum_j s[i(o), j] * P_j[o, n],    P_j = Wq[:, cols_j] @ Xq[cols_j, :]
+
+``Wq`` (O x K) and ``Xq`` (K x N) hold integers; ``P_j`` is the integer partial sum of the
+sub-matrices of column block j (one crossbar tile per (i, j)); ``s`` has one scale per tile.
+An optional clamp ``L`` (an ADC range) clips each tile's partial sum to ``[-L, L]`` before it is
+rescaled.
+
+Why the fast path is exact
+--------------------------
+The partial sums are computed by BLAS on integer-valued floats. Every term ``Wq[o,k] * Xq[k,n]``
+is an integer of magnitude at most ``2^(bw-1) * 2^(ba-1)`` and every partial sum that any BLAS
+summation order can form is an integer of magnitude at most ``B = c * 2^(bw-1) * 2^(ba-1)``.
+IEEE binary32 represents every integer of magnitude <= 2^24 exactly, so when ``B <= 2^24`` each
+product and each addition in an ``sgemm`` is exact, whatever the blocking, order or FMA use, and
+``P_j`` comes out as the exact integer. When ``B > 2^24`` the same holds for binary64 up to 2^53
+(``dgemm``); beyond that, plain integer loops in Numba (int64) are used. ``plan_path`` picks the
+cheapest exact path. Only then do floats enter: the rescale and accumulation
+``acc = sum_j float64(s_ij) * float64(clip(P_j))`` runs in float64 in the order j = 0..J-1, and
+``Y = float32(float64(s_x) * acc) (+ bias)``; the reference performs the same operations in the
+same order, so the two agree bit for bit on the partial sums and to within rounding of the
+(identical) float operations on the output.
+
+The partial sums are formed per column block as ``X^T[:, cols_j] @ W_j^T`` by BLAS
+(``torch.mm``), in chunks of N that keep the converted input and the partial sums in cache,
+and a parallel Numba kernel does clip, rescale and accumulate. ``im2col`` (Numba) writes the
+pixel-major input of a convolution directly, so a conv layer needs no transposition.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .quant import TileGrid
+
+F32_EXACT = 2**24
+F64_EXACT = 2**53
+PATHS = ("auto", "f32", "f64", "int")
+
+# Bytes of the converted input chunk plus its partial sums, per chunk of N columns.
+_CHUNK_BYTES = 1 << 22
+
+
+def psum_bound(c: int, w_bits: int, a_bits: int) -> int:
+    """Largest magnitude a tile partial sum of c columns can take: ``c * 2^(bw-1) * 2^(ba-1)``."""
+    return int(c) << (w_bits - 1) << (a_bits - 1)
+
+
+def plan_path(c: int, w_bits: int, a_bits: int) -> str:
+    """The cheapest exact path for tiles of c columns: ``f32``, ``f64`` or ``int``."""
+    b = psum_bound(c, w_bits, a_bits)
+    if b <= F32_EXACT:
+        return "f32"
+    if b <= F64_EXACT:
+        return "f64"
+    return "int"
+
+
+def _bits_of(dtype) -> int:
+    dt = np.dtype(dtype)
+    if not np.issubdtype(dt, np.integer):
+        raise ValueError(f"integer operands required, got dtype {dt}; pass bits explicitly "
+                         "for integer-valued float operands")
+    return dt.itemsize * 8
+
+
+def _as_numpy(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+# --------------------------------------------------------------------------------------------
+# Numba kernels
+# --------------------------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _combine_kn(P, srow, lim, sx, bias, y, n0):
+    """Clip, rescale, accumulate: P (J, O, nb) -> columns n0..n0+nb of Y (O x N).
+
+    y[o, n0+n] = f32(sx * sum_j srow[j, o] * clip(P[j, o, n], lim[j, o])) + bias[o].
+    """
+    J, O, nb = P.shape
+    for o in prange(O):
+        acc = np.zeros(nb, dtype=np.float64)
+        for j in range(J):
+            s = srow[j, o]
+            lj = lim[j, o]
+            for n in range(nb):
+                p = min(max(np.float64(P[j, o, n]), -lj), lj)
+                acc[n] += s * p
+        for n in range(nb):
+            y[o, n0 + n] = np.float32(sx * acc[n]) + bias[o]
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _combine_nk(P, srow, lim, sx, bias, y, n0):
+    """The same for the transposed layout: P (J, nb, O) -> rows n0..n0+nb of Y^T (N x O)."""
+    J, nb, O = P.shape
+    for n in prange(nb):
+        acc = np.zeros(O, dtype=np.float64)
+        for j in range(J):
+            for o in range(O):
+                p = min(max(np.float64(P[j, n, o]), -lim[j, o]), lim[j, o])
+                acc[o] += srow[j, o] * p
+        for o in range(O):
+            y[n0 + n, o] = np.float32(sx * acc[o]) + bias[o]
+
+
+@njit(parallel=True, cache=True)
+def _psums_int(wq, xt, bounds, n0, out):
+    """Exact int64 partial sums out[j, n, o] = sum_{k in block j} wq[o, k] * xt[n0 + n, k]."""
+    J = bounds.shape[0] - 1
+    nb, O = out.shape[1], out.shape[2]
+    for n in prange(nb):
+        for j in range(J):
+            for o in range(O):
+                acc = np.int64(0)
+                for k in range(bounds[j], bounds[j + 1]):
+                    acc += np.int64(wq[o, k]) * np.int64(xt[n0 + n, k])
+                out[j, n, o] = acc
+
+
+def conv_out_hw(h, w, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a convolution."""
+    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
+                 for s, k, st, p, d in zip((h, w), kernel_size, stride, padding, dilation))
+
+
+@njit(parallel=True, cache=True)
+def _im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, n0, out):
+    """Rows n0..n0+len(out) of the pixel-major im2col matrix of x, given channels-last
+    (B, H, W, C), C-contiguous.
+
+    Row n = (b, ho, wo) holds the receptive field of output pixel n, column k = (c, i, j) in
+    PyTorch's ``weight.reshape(O, -1)`` order; zero padding. Reads are contiguous over c; the
+    strided writes stay inside one row (in L1).
+    """
+    B, H, W, C = x.shape
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    khw = kh * kw
+    for r in prange(out.shape[0]):
+        n = n0 + r
+        b = n // (Ho * Wo)
+        ho = (n // Wo) % Ho
+        wo = n % Wo
+        row = out[r]
+        for i in range(kh):
+            h = ho * sh - ph + i * dh
+            for j in range(kw):
+                w = wo * sw - pw + j * dw
+                k0 = i * kw + j
+                if 0 <= h < H and 0 <= w < W:
+                    xp = x[b, h, w]
+                    for c in range(C):
+                        row[c * khw + k0] = xp[c]
+                else:
+                    for c in range(C):
+                        row[c * khw + k0] = 0
+
+
+def _channels_last(x) -> np.ndarray:
+    """A (B, C, H, W) tensor/array as a C-contiguous (B, H, W, C) numpy array (a view when the
+    tensor is already in channels-last memory format)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if t.dim() != 4:
+        raise ValueError(f"conv input must be B x C x H x W, got shape {tuple(t.shape)}")
+    return t.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def im2col(x, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> np.ndarray:
+    """The pixel-major im2col matrix X^T ((B*Ho*Wo) x (C*kh*kw)) of a (B, C, H, W) array.
+
+    Row n = (b, ho, wo) holds the receptive field of output pixel n in PyTorch's
+    ``weight.reshape(O, -1)`` order, so ``im2col(x) @ W.T`` is the convolution.
+    """
+    xh = _channels_last(x)
+    B, H, W, C = xh.shape
+    ho, wo = conv_out_hw(H, W, kernel_size, stride, padding, dilation)
+    out = np.empty((B * ho * wo, C * kernel_size[0] * kernel_size[1]), dtype=xh.dtype)
+    _im2col_rows(xh, *kernel_size, *stride, *padding, *dilation, 0, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The prepared operator
+# --------------------------------------------------------------------------------------------
+
+class TiledGemm:
+    """A tile-quantized weight matrix, prepared once and applied to many inputs (Eq. 5).
+
+    ``wq``: O x K integers (int8/int16, or integer-valued floats with ``w_bits`` given);
+    ``grid``: the ``TileGrid``; ``scales``: ``grid.shape`` positive floats; ``clamp``: ``None``,
+    a scalar or a ``grid.shape`` array of partial-sum limits L (clip to ``[-L, L]``);
+    ``path``: ``auto`` (cheapest exact), ``f32``, ``f64`` or ``int`` — a float path whose bound
+    is not exact is refused.
+
+    Internally the products are formed as ``P_j^T = X^T[:, cols_j] @ W_j^T`` (tall-skinny
+    GEMMs, the fast orientation when N >> O), in chunks of rows of X^T.
+    """
+
+    def __init__(self, wq, grid: TileGrid, scales, w_bits: int | None = None,
+                 a_bits: int = 8, clamp=None, path: str = "auto"):
+        wq = _as_numpy(wq)
+        if wq.shape != (grid.O, grid.K):
+            raise ValueError(f"weight shape {wq.shape} != grid {grid.O}x{grid.K}")
+        scales = np.asarray(_as_numpy(scales), dtype=np.float64)
+        if scales.shape != grid.shape:
+            raise ValueError(f"scales shape {scales.shape} != grid shape {grid.shape}")
+        if not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise ValueError("scales must be finite and > 0")
+        self.grid = grid
+        self.w_bits = int(w_bits) if w_bits is not None else _bits_of(wq.dtype)
+        self.a_bits = int(a_bits)
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        need = plan_path(grid.c, self.w_bits, self.a_bits)
+        order = ("f32", "f64", "int")
+        if path == "auto":
+            path = need
+        elif order.index(path) < order.index(need):
+            raise ValueError(f"path {path!r} is not exact for c={grid.c}, "
+                             f"w_bits={self.w_bits}, a_bits={self.a_bits}: needs {need!r}")
+        self.path = path
+        self.scales = scales
+        rb = grid.row_block_index()
+        self._srow = np.ascontiguousarray(scales[rb, :].T)          # (J, O) scale of each row
+        lim = np.full(grid.shape, np.inf)
+        if clamp is not None:
+            c = np.asarray(_as_numpy(clamp), dtype=np.float64)
+            if np.isnan(c).any() or (c < 0).any():
+                raise ValueError("clamp limits must be >= 0")
+            lim = np.broadcast_to(c, grid.shape).astype(np.float64)
+        self._lim = np.ascontiguousarray(lim[rb, :].T)               # (J, O)
+        self.wq = np.ascontiguousarray(wq)
+        self._bounds = grid.col_bounds()
+        if self.path != "int":
+            self._dtype = torch.float32 if self.path == "f32" else torch.float64
+            w = torch.from_numpy(self.wq).to(self._dtype)
+            # W_j and W_j^T of every column block, contiguous, one per BLAS call
+            self._wj = [w[:, grid.col_slice(j)].contiguous() for j in range(grid.n_col_blocks)]
+            self._wjt = [wj.t().contiguous() for wj in self._wj]
+
+    # -- partial sums --------------------------------------------------------------------------
+    def _transposed_input(self, xq, layout):
+        """The input as X^T (N x K), a torch view: ``layout`` "KN" (xq is K x N) or "NK"."""
+        if layout not in ("KN", "NK"):
+            raise ValueError(f"layout must be 'KN' or 'NK', got {layout!r}")
+        x = xq if isinstance(xq, torch.Tensor) else torch.from_numpy(np.asarray(xq))
+        kdim = 0 if layout == "KN" else 1
+        if x.dim() != 2 or x.shape[kdim] != self.grid.K:
+            want = "K x N" if layout == "KN" else "N x K"
+            raise ValueError(f"input must be {want} with K={self.grid.K}, got shape {tuple(x.shape)}")
+        return x.t() if layout == "KN" else x
+
+    def _chunk(self, N):
+        """Rows of X^T per chunk: keeps the converted input chunk and its partial sums in cache."""
+        g = self.grid
+        per_row = g.K * 8 + g.n_col_blocks * g.O * 8
+        return max(64, min(N, _CHUNK_BYTES // per_row))
+
+    def _psums_nk(self, N, rows):
+        """Yield ``(n0, n1, P)``: exact partial sums P (J, n1-n0, O) of each chunk of rows of
+        X^T; ``rows(n0, n1)`` gives those rows (a BLAS-ready float tensor, or a numpy array of
+        integers for the int path). Each product is ``X_j^T @ W_j^T``, a tall-skinny GEMM."""
+        J, O = self.grid.n_col_blocks, self.grid.O
+        bnd = self._bounds
+        nb = self._chunk(N)
+        for n0 in range(0, N, nb):
+            n1 = min(N, n0 + nb)
+            xc = rows(n0, n1)
+            if self.path == "int":
+                P = np.empty((J, n1 - n0, O), dtype=np.int64)
+                _psums_int(self.wq, xc, bnd, 0, P)
+            else:
+                P = torch.empty((J, n1 - n0, O), dtype=self._dtype)
+                for j in range(J):
+                    torch.mm(xc[:, bnd[j]:bnd[j + 1]], self._wjt[j], out=P[j])
+                P = P.numpy()
+            yield n0, n1, P
+
+    def _iter_psums(self, xq, layout="KN"):
+        """Partial sums of a matrix input: P (J, O, nb) for "KN" (``W_j @ X_j``, BLAS reads X
+        as it is), P (J, nb, O) for "NK" (see ``_psums_nk``)."""
+        xt = self._transposed_input(xq, layout)
+        N = xt.shape[0]
+        if layout == "NK" or self.path == "int":
+            def rows(n0, n1):
+                xc = xt[n0:n1]
+                if self.path == "int":
+                    return xc.numpy()
+                if xc.dtype == self._dtype and xc.stride(1) == 1:
+                    return xc
+                return xc.to(self._dtype, memory_format=torch.contiguous_format)
+            for n0, n1, P in self._psums_nk(N, rows):
+                yield n0, n1, (P.transpose(0, 2, 1) if layout == "KN" else P)
+            return
+        J, O = self.grid.n_col_blocks, self.grid.O
+        bnd = self._bounds
+        x = xt.t()                                         # K x N, as given
+        direct = x.dtype == self._dtype and x.stride(1) == 1
+        nb = self._chunk(N)
+        for n0 in range(0, N, nb):
+            n1 = min(N, n0 + nb)
+            xc = x[:, n0:n1]
+            if not direct:                                 # convert (e.g. int8) into a float chunk
+                xc = xc.to(self._dtype, memory_format=torch.contiguous_format)
+            P = torch.empty((J, O, n1 - n0), dtype=self._dtype)
+            for j in range(J):
+                torch.mm(self._wj[j], xc[bnd[j]:bnd[j + 1]], out=P[j])
+            yield n0, n1, P.numpy()
+
+    def _conv_rows(self, xq4, geometry):
+        """(N, rows): ``rows(n0, n1)`` forms rows of the im2col matrix of ``xq4`` just in time
+        into a reused buffer, so the 9x larger im2col matrix never exists in memory."""
+        x = _channels_last(xq4)
+        kh, kw = geometry[0]
+        if x.shape[3] * kh * kw != self.grid.K:
+            raise ValueError(f"conv input has {x.shape[3]} channels x {kh}x{kw} kernel != "
+                             f"K={self.grid.K}")
+        ho, wo = conv_out_hw(x.shape[1], x.shape[2], *geometry)
+        N = x.shape[0] * ho * wo
+        dt = np.float64 if self.path != "f32" else np.float32
+        buf = np.empty((self._chunk(N), self.grid.K), dtype=dt)
+        flat = [v for pair in geometry for v in pair]
+
+        def rows(n0, n1):
+            b = buf[: n1 - n0]
+            _im2col_rows(x, *flat, n0, b)
+            return b if self.path == "int" else torch.from_numpy(b)
+        return N, rows
+
+    def _check_act_scale(self, act_scale) -> float:
+        sx = float(act_scale)
+        if not (np.isfinite(sx) and sx > 0):
+            raise ValueError(f"activation scale must be finite and > 0, got {act_scale!r}")
+        return sx
+
+    def _check_bias(self, bias) -> np.ndarray:
+        O = self.grid.O
+        b = np.zeros(O, np.float32) if bias is None else np.asarray(_as_numpy(bias), np.float32)
+        if b.shape != (O,):
+            raise ValueError(f"bias must have shape ({O},), got {b.shape}")
+        return b
+
+    # -- public --------------------------------------------------------------------------------
+    def partial_sums(self, xq, layout: str = "KN") -> np.ndarray:
+        """Exact int64 partial sums of every column block, shape (J, O, N) (before clamping)."""
+        N = self._transposed_input(xq, layout).shape[0]
+        out = np.empty((self.grid.n_col_blocks, self.grid.O, N), dtype=np.int64)
+        for n0, n1, P in self._iter_psums(xq, layout):
+            out[:, :, n0:n1] = P if layout == "KN" else P.transpose(0, 2, 1)
+        return out
+
+    def __call__(self, xq, act_scale: float, bias=None, out=None, layout: str = "KN") -> np.ndarray:
+        """Eq. 5: float32 ``Y`` from the integer input ``xq`` and its activation scale.
+
+        ``layout="KN"``: ``xq`` is X (K x N) and the result is Y (O x N). ``layout="NK"``:
+        ``xq`` is X^T (N x K, e.g. ``im2col`` of images) and the result is Y^T (N x O), the
+        channels-last conv output. Integer dtypes, or integer-valued floats within ``a_bits``.
+        ``out``: optional preallocated float32 result of that shape (any strides).
+        """
+        g = self.grid
+        sx = self._check_act_scale(act_scale)
+        b = self._check_bias(bias)
+        N = self._transposed_input(xq, layout).shape[0]
+        shape = (g.O, N) if layout == "KN" else (N, g.O)
+        y = np.empty(shape, dtype=np.float32) if out is None else out
+        if y.shape != shape or y.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {shape}")
+        combine = _combine_kn if layout == "KN" else _combine_nk
+        for n0, _, P in self._iter_psums(xq, layout):
+            combine(P, self._srow, self._lim, sx, b, y, n0)
+        return y
+
+    def conv(self, xq4, act_scale: float, kernel_size, stride=(1, 1), padding=(0, 0),
+             dilation=(1, 1), bias=None) -> np.ndarray:
+        """Eq. 5 for a convolution: ``xq4`` (B, C, H, W) integers (any strides) -> Y^T
+        ((B*Ho*Wo) x O, float32), i.e. the output in channels-last order. The im2col rows are
+        formed chunk by chunk in cache (``_im2col_rows``)."""
+        g = self.grid
+        sx = self._check_act_scale(act_scale)
+        b = self._check_bias(bias)
+        N, rows = self._conv_rows(xq4, (tuple(kernel_size), tuple(stride), tuple(padding),
+                                        tuple(dilation)))
+        y = np.empty((N, g.O), dtype=np.float32)
+        for n0, _, P in self._psums_nk(N, rows):
+            _combine_nk(P, self._srow, self._lim, sx, b, y, n0)
+        return y
+
+
+def tiled_matmul(wq, xq, scales, grid: TileGrid, act_scale: float, *, w_bits=None,
+                 a_bits=None, clamp=None, bias=None, path: str = "auto") -> np.ndarray:
+    """One-shot Eq. 5 (see ``TiledGemm``); bits default to the operands' storage widths."""
+    a_bits = a_bits if a_bits is not None else _bits_of(_as_numpy(xq).dtype)
+    op = TiledGemm(wq, grid, scales, w_bits=w_bits, a_bits=a_bits, clamp=clamp, path=path)
+    return op(xq, act_scale, bias=bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain NumPy reference (int64)
+# --------------------------------------------------------------------------------------------
+
+def partial_sums_reference(wq, xq, grid: TileGrid) -> np.ndarray:
+    """int64 partial sums ``P[j] = Wq[:, cols_j] @ Xq[cols_j, :]``, shape (J, O, N)."""
+    w = np.asarray(wq).astype(np.int64)
+    x = np.asarray(xq).astype(np.int64)
+    out = np.empty((grid.n_col_blocks, grid.O, x.shape[1]), dtype=np.int64)
+    for j in range(grid.n_col_blocks):
+        cols = grid.col_slice(j)
+        out[j] = w[:, cols] @ x[cols, :]
+    return out
+
+
+def tiled_matmul_reference(wq, xq, scales, grid: TileGrid, act_scale: float, *,
+                           clamp=None, bias=None) -> np.ndarray:
+    """Eq. 5 in plain NumPy: int64 tile products, clip, float64 rescale and sum in j order."""
+    P = partial_sums_reference(wq, xq, grid).astype(np.float64)
+    scales = np.asarray(scales, dtype=np.float64)
+    rb = grid.row_block_index()
+    if clamp is not None:
+        lim = np.broadcast_to(np.asarray(clamp, np.float64), grid.shape)[rb, :]   # (O, J)
+    acc = np.zeros(P.shape[1:], dtype=np.float64)
+    for j in range(grid.n_col_blocks):
+        p = P[j]
+        if clamp is not None:
+            p = np.clip(p, -lim[:, j:j + 1], lim[:, j:j + 1])
+        acc += scales[rb, j][:, None] * p
+    y = (np.float64(act_scale) * acc).astype(np.float32)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32)[:, None]
+    return y
+
+
+def set_threads(n: int = 0) -> int:
+    """Use n threads (0 = all cores) in both torch (BLAS) and Numba; returns the count used."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return n

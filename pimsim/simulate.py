@@ -1,0 +1,104 @@
+"""Simulated inference of a real network on real data: the job behind ``pimsim run``.
+
+``prepare`` resolves data and checkpoint and builds the traced network (failing early on bad
+input); ``evaluate`` runs a network over test images in batches with a progress bar;
+``run`` ties config -> calibration -> float and quantized evaluation -> result dict.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .calibrate import calibrate
+from .config import Config, resolve_checkpoint
+from .kernels import set_threads
+from .data import calibration_set, find_data_dir, load_cifar10, to_tensor
+from .models import build_model
+from .network import Network, build_network
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, resolved before any long work starts."""
+
+    cfg: Config
+    data_dir: Path
+    checkpoint: Path
+    net: Network
+
+
+def prepare(cfg: Config, data_dir=None) -> Prepared:
+    """Find the data, resolve the checkpoint, build and trace the model."""
+    ddir = find_data_dir(data_dir or cfg["data.dir"])
+    ckpt = resolve_checkpoint(cfg, ddir)
+    model = build_model(cfg["model.name"], checkpoint=ckpt)
+    return Prepared(cfg, ddir, ckpt, build_network(model))
+
+
+def evaluate(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500,
+             progress: bool = True, desc: str = "eval") -> tuple[float, np.ndarray]:
+    """Top-1 accuracy (fraction) and predicted classes over uint8 CIFAR images."""
+    preds = np.empty(len(images), dtype=np.int64)
+    with torch.no_grad():
+        for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress,
+                      leave=False, unit="batch"):
+            out = net(to_tensor(images[s:s + batch_size]))
+            preds[s:s + batch_size] = out.argmax(1).numpy()
+    return float((preds == labels).mean()), preds
+
+
+def quantize_network(prep: Prepared, progress: bool = True) -> dict:
+    """Calibrate ``prep.net`` as the config says; returns calibration info."""
+    cfg = prep.cfg
+    calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)
+    return calibrate(prep.net, to_tensor(calib), cfg.granularity, cfg["quant.weight_bits"],
+                     cfg["quant.act_bits"], method=cfg["quant.calibration"],
+                     float_layers=cfg["quant.float_layers"], progress=progress)
+
+
+def layer_table(net: Network) -> list[dict]:
+    """One entry per quantized layer: name, O, K, tile (r, c) and number of scales."""
+    return [{"name": l.name, "O": l.O, "K": l.K, "tile": [l.quant.grid.r, l.quant.grid.c],
+             "scales": int(l.quant.grid.n_tiles)} for l in net.quantized_layers]
+
+
+def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = True) -> dict:
+    """Calibrate and evaluate the configured network; the result dict of ``pimsim run``."""
+    threads = set_threads(cfg["eval.threads"])
+    prep = prepare(cfg, data_dir)
+    limit = limit or cfg["eval.limit"]
+    images, labels = load_cifar10("test", prep.data_dir, limit=limit)
+    bs = cfg["eval.batch_size"]
+    net = prep.net
+    t0 = time.perf_counter()
+    fp_top1, _ = evaluate(net, images, labels, bs, progress, desc="float")
+    fp_s = time.perf_counter() - t0
+    info = quantize_network(prep, progress)
+    net.set_mode(cfg["eval.backend"])
+    t0 = time.perf_counter()
+    top1, _ = evaluate(net, images, labels, bs, progress, desc=f"quantized ({cfg['eval.backend']})")
+    eval_s = time.perf_counter() - t0
+    resolved = cfg.to_dict()
+    resolved["model"]["checkpoint"] = str(prep.checkpoint)
+    resolved["data"]["dir"] = str(prep.data_dir)
+    resolved["eval"]["limit"] = limit
+    return {
+        "fp_top1": fp_top1,
+        "top1": top1,
+        "images": int(len(images)),
+        "calibration_s": info["calibration_s"],
+        "eval_s": eval_s,
+        "fp_eval_s": fp_s,
+        "float_layers": info["float_layers"],
+        "threads": threads,
+        "pimsim": __version__,
+        "config": resolved,
+        "layers": layer_table(net),
+    }
