@@ -18,18 +18,50 @@ from tqdm.auto import tqdm
 from .network import GemmLayer, LayerQuant, Network
 from .quant import Granularity, max_scale, max_scales
 
-METHODS = ("max",)
 
-
-def _max_method(layer: GemmLayer, x: torch.Tensor, gran: Granularity, w_bits: int,
-                a_bits: int) -> LayerQuant:
+def _max_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_bits: int,
+                a_bits: int, params: dict) -> LayerQuant:
     grid = gran.resolve(layer.O, layer.K)
     w_scales = max_scales(layer.weight_matrix(), grid, w_bits)
     act_scale = float(max_scale(float(x.abs().max()), a_bits))
     return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"})
 
 
+# A method: fn(layer, x, target, gran, w_bits, a_bits, params) -> LayerQuant, where x is the
+# layer's input in the (partly) quantized network and target its float output (None unless the
+# method is listed in NEEDS_TARGET).
 _METHOD_FNS = {"max": _max_method}
+NEEDS_TARGET: set[str] = set()
+
+
+def register_method(name: str, fn, needs_target: bool = False) -> None:
+    """Make ``fn`` available as calibration method ``name``."""
+    _METHOD_FNS[name] = fn
+    if needs_target:
+        NEEDS_TARGET.add(name)
+
+
+def record_float_outputs(net: Network, images: torch.Tensor, names) -> dict:
+    """The float network's output of each named GEMM layer on ``images`` (one forward pass)."""
+    outs = {}
+    saved = {l.name: l.mode for l in net.layers}
+
+    def hook(layer, x):
+        y = layer.float_forward(x)
+        outs[layer.name] = y
+        return y
+    try:
+        for l in net.layers:
+            l.mode = "float"
+            if l.name in names:
+                l.hook = hook
+        with torch.no_grad():
+            net(images)
+    finally:
+        for l in net.layers:
+            l.hook = None
+            l.mode = saved[l.name]
+    return outs
 
 
 def resolve_float_layers(net: Network, float_layers) -> set[str]:
@@ -44,28 +76,33 @@ def resolve_float_layers(net: Network, float_layers) -> set[str]:
 
 
 def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
-              method: str = "max", float_layers="auto", progress: bool = True) -> dict:
+              method: str = "max", float_layers="auto", progress: bool = True,
+              params: dict | None = None) -> dict:
     """Quantize every GEMM layer of ``net`` except ``float_layers``, in network order.
 
-    ``images`` is the (normalized) calibration batch. Returns ``{"calibration_s", "layers"}``.
+    ``images`` is the (normalized) calibration batch; ``params`` method options.
+    Returns ``{"calibration_s", "float_layers"}``.
     """
     if method not in _METHOD_FNS:
-        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"calibration method must be one of {sorted(_METHOD_FNS)}, got {method!r}")
     fn = _METHOD_FNS[method]
+    params = dict(params or {})
     keep = resolve_float_layers(net, float_layers)
     todo = [l for l in net.layers if l.name not in keep]
     for l in net.layers:
         l.clear_quant()
+    t0 = time.perf_counter()
+    targets = (record_float_outputs(net, images, {l.name for l in todo})
+               if method in NEEDS_TARGET else {})
     bar = tqdm(total=len(todo), desc=f"calibrate ({method})", disable=not progress, leave=False)
 
     def hook(layer: GemmLayer, x: torch.Tensor):
         layer.hook = None
-        layer.set_quant(fn(layer, x, gran, w_bits, a_bits))
+        layer.set_quant(fn(layer, x, targets.pop(layer.name, None), gran, w_bits, a_bits, params))
         layer.mode = "fake"             # the quantized output feeds the next layer
         bar.update(1)
         return None
 
-    t0 = time.perf_counter()
     for l in todo:
         l.hook = hook
     try:

@@ -88,10 +88,12 @@ def main(argv=None) -> int:
         parser.error("--limit must be >= 1")
     from .config import ConfigError
     from .data import DataNotFoundError
+    from .models import CheckpointError
     from .network import UnsupportedModelError
     try:
         return args.fn(args)
-    except (ConfigError, DataNotFoundError, UnsupportedModelError, FileNotFoundError) as e:
+    except (ConfigError, DataNotFoundError, UnsupportedModelError, CheckpointError,
+            FileNotFoundError) as e:
         print(f"pimsim: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

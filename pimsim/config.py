@@ -185,13 +185,14 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
     items = []
     for sec, body in raw.items():
         if sec not in SCHEMA:
-            raise _err(source, sec, "...", f"unknown section; allowed: {', '.join(SCHEMA)}")
+            raise _err(source, sec, body, f"unknown section; allowed: {', '.join(SCHEMA)}")
         if body is None:
             continue
         if not isinstance(body, dict):
             raise _err(source, sec, body, "must be a mapping of keys")
         items += [(f"{sec}.{k}", v, source) for k, v in body.items()]
     items += [(k, v, "--set") for k, v in overrides]
+    origin = {}                                   # dotted key -> where its value came from
     for dotted, value, where in items:
         sec, _, key = dotted.partition(".")
         if sec not in SCHEMA:
@@ -203,16 +204,19 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
         if problem:
             raise _err(where, dotted, value, problem)
         data[sec][key] = value
+        origin[dotted] = where
     # cross-field rules
     from .models import MODELS
     if data["model"]["name"] not in MODELS:
-        raise _err(source, "model.name", data["model"]["name"],
+        raise _err(origin.get("model.name", source), "model.name", data["model"]["name"],
                    f"unknown model; allowed: {', '.join(MODELS)}")
     tile, splits = data["quant"]["tile"], data["quant"]["splits"]
     if isinstance(tile, list) and tile[1] is None and splits is None:
-        raise _err(source, "quant.tile", tile, "[r, null] needs quant.splits (Method 2: c = ceil(K/m))")
+        raise _err(origin.get("quant.tile", source), "quant.tile", tile,
+                   "[r, null] needs quant.splits (Method 2: c = ceil(K/m))")
     if splits is not None and not (isinstance(tile, list) and tile[1] is None):
-        raise _err(source, "quant.splits", splits, "only with quant.tile: [r, null]")
+        raise _err(origin.get("quant.splits", source), "quant.splits", splits,
+                   "only with quant.tile: [r, null]")
     return Config(data, source)
 
 

@@ -151,19 +151,17 @@ def _im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, n0, out):
         b = n // (Ho * Wo)
         ho = (n // Wo) % Ho
         wo = n % Wo
-        row = out[r]
         for i in range(kh):
             h = ho * sh - ph + i * dh
             for j in range(kw):
                 w = wo * sw - pw + j * dw
                 k0 = i * kw + j
                 if 0 <= h < H and 0 <= w < W:
-                    xp = x[b, h, w]
                     for c in range(C):
-                        row[c * khw + k0] = xp[c]
+                        out[r, c * khw + k0] = x[b, h, w, c]
                 else:
                     for c in range(C):
-                        row[c * khw + k0] = 0
+                        out[r, c * khw + k0] = 0
 
 
 def _channels_last(x) -> np.ndarray:

@@ -246,12 +246,20 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 # --------------------------------------------------------------------------- checkpoints
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model; names the file."""
+
+
 def _read_checkpoint(path: Path) -> dict:
     """torch.load on CPU, weights only if possible (falls back to full unpickling otherwise)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 — any failure to read: say which file and why
+        raise CheckpointError(f"{path}: not a readable torch checkpoint "
+                              f"({type(e).__name__}: {e})") from e
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -260,7 +268,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Accepts ``{'state_dict': {...}}`` or a bare state_dict, keys with or without the ``module.``
     prefix. BatchNorm ``num_batches_tracked`` counters may be absent (the published akamaster
     checkpoints lack them). Raises FileNotFoundError for a missing file and ValueError naming
-    the file and the first offending keys for missing/unexpected keys or shape mismatches.
+    the file and the first offending keys for missing/unexpected keys or shape mismatches
+    (``CheckpointError``, a ValueError), or for a file torch cannot read.
     """
     path = Path(path)
     if not path.is_file():
@@ -268,7 +277,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     ckpt = _read_checkpoint(path)
     state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict or {{'state_dict': ...}}, got {type(ckpt).__name__}")
+        raise CheckpointError(f"{path}: expected a state_dict or {{'state_dict': ...}}, got {type(ckpt).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
 
     expected = model.state_dict()
@@ -285,7 +294,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if keys
     ]
     if problems:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict({**expected, **state})
     return model.eval()
 

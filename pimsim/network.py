@@ -53,19 +53,28 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """A traced copy of ``model`` (eval mode) with each BatchNorm2d that directly follows a
-    Conv2d (whose only user it is) folded into that conv. Other BatchNorms stay as they are."""
+    Conv2d (whose only user it is; both called once) folded into that conv. Other BatchNorms,
+    and those without running statistics, stay as they are."""
     model = copy.deepcopy(model).eval()
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 — re-raised with context
         raise UnsupportedModelError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
     modules = dict(gm.named_modules())
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
             continue
+        bn = modules[node.target]
+        if bn.running_mean is None or bn.running_var is None:
+            continue            # batch statistics even in eval mode: not a fixed affine map
         prev = node.args[0]
         if (isinstance(prev, fx.Node) and prev.op == "call_module"
-                and isinstance(modules[prev.target], nn.Conv2d) and len(prev.users) == 1):
+                and isinstance(modules[prev.target], nn.Conv2d) and len(prev.users) == 1
+                and calls[prev.target] == 1 and calls[node.target] == 1):
             _fold_into_conv(modules[prev.target], modules[node.target])
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
@@ -218,9 +227,9 @@ class GemmLayer(nn.Module):
         q = self.quant
         B = x.shape[0]
         xq = self.quantize_input(x)                                      # integers, as float32
-        if self.kind == "linear":
-            return torch.from_numpy(self._op(xq.reshape(B, -1), q.act_scale, bias=self.bias,
-                                             layout="NK"))
+        if self.kind == "linear":              # any leading dims, like F.linear
+            y = self._op(xq.reshape(-1, self.K), q.act_scale, bias=self.bias, layout="NK")
+            return torch.from_numpy(y).view(*x.shape[:-1], self.O)
         ho, wo = self.out_hw(x.shape[2], x.shape[3])
         y = self._op.conv(xq, q.act_scale, self.kernel_size, self.stride, self.padding,
                           self.dilation, bias=self.bias)                  # (B*ho*wo) x O

@@ -1,0 +1,564 @@
+"""PTQ-SL calibration (Algorithm 1 of the paper) and the weight-only ``mse`` baseline.
+
+Registers two calibration methods with ``pimsim.calibrate`` at import time:
+
+``ptqsl``  (needs the float network's layer output ``Y*``)
+    The per-layer pipeline of the paper, in the im2col view ``Y = W X + b`` (W is O x K,
+    X is K x N with N = all output pixels of the calibration batch):
+
+    1. search the activation scale ``s_x`` with float weights (only the input quantized);
+    2. Algorithm 1: greedy coordinate descent over all tile scales ``s_ij`` with ``s_x`` fixed.
+       Every tile starts from ``max|W_ij| / (2^(b-1)-1)``; its candidates are ``n`` values
+       linear in ``[alpha * s_ij0, beta * s_ij0]``. Column blocks j are visited in order; for
+       the Euclidean metric all row blocks i of column j are searched together (they touch
+       disjoint output rows, so the error splits exactly over row blocks); for the cosine
+       metric the row blocks of column j are visited one after the other (the global cosine
+       couples them), each seeing the choices already written back. A tile keeps its current
+       scale unless a candidate is strictly better (ties: lowest candidate index), so a round
+       never increases the layer-output error. ``rounds`` rounds, stop early when nothing
+       changes;
+    3. search ``s_x`` again with the quantized weights fixed;
+    4. if, against all odds, the result is worse on the layer objective than plain ``max``
+       calibration, fall back to ``max`` (``info["fallback"]``).
+
+    ``mode="gram"`` (default) evaluates the weight search on the quadratic form of the output
+    error: with ``Xq`` fixed, ``H = Xq Xq^T`` (K x K) and ``G = (Y* - b) Xq^T`` (O x K) hold all
+    that the search needs (plus ``Y* Xq^T``, ``Xq 1`` and the row sums of ``Y*`` for cosine),
+    so the search never touches the N samples. ``mode="direct"`` evaluates Eq. 6 literally on
+    the samples (``Y^ = W^ Xq + b`` in float64 per candidate) — slow, the reference of the tests.
+    Both pick the same scales up to exact ties. ``H`` is accumulated exactly: integer-valued
+    ``Q = round(X / s_x)`` products are summed in float32 over chunks short enough that every
+    partial sum is an integer below 2^24, the chunks in float64.
+
+    The activation searches evaluate the real layer output (the fake-quant path of
+    ``GemmLayer``: float32 conv of the dequantized input) — one convolution per candidate.
+    ``act_search="golden"`` (default) runs a golden-section search over the candidate indices
+    (about 12 convolutions instead of n; exact when the error is unimodal over the grid) and
+    keeps the best point it evaluated; ``act_search="grid"`` evaluates all n candidates.
+
+``mse``  (data-free weights)
+    Per tile, the candidate of the same grid (or the ``max`` init, which wins ties) minimizing
+    ``||W_ij - W^_ij||^2``; activation scale by ``max`` calibration.
+
+Parameters (``params`` dict; YAML ``quant.search.*`` and ``quant.metric``): see ``DEFAULTS``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .calibrate import register_method
+from .network import GemmLayer, LayerQuant
+from .quant import Granularity, TileGrid, max_scale, max_scales, qrange, quantize_weight
+
+DEFAULTS = {
+    "alpha": 0.5,           # lowest candidate, times the max-calibration init
+    "beta": 1.2,            # highest candidate, times the init
+    "candidates": 100,      # n candidates, linear in [alpha, beta] * init
+    "rounds": 3,            # rounds of Algorithm 1 (early stop when nothing changes)
+    "mode": "gram",         # gram | direct
+    "metric": "euclidean",  # euclidean | cosine
+    "act_search": "golden",  # golden | grid (activation-scale search)
+}
+MODES = ("gram", "direct")
+METRICS = ("euclidean", "cosine")
+ACT_SEARCHES = ("golden", "grid")
+
+_CHUNK = 1 << 22            # elements per candidate chunk (float64 temporaries of ~32 MB)
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------
+
+def _number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
+def _whole(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+
+def check_params(params: dict | None) -> dict:
+    """``params`` merged onto ``DEFAULTS`` and validated; ValueError names the bad key."""
+    p = dict(DEFAULTS)
+    for k, v in (params or {}).items():
+        if k not in DEFAULTS:
+            raise ValueError(f"unknown PTQ-SL parameter {k!r}; allowed: {', '.join(DEFAULTS)}")
+        p[k] = v
+    for k in ("alpha", "beta"):
+        if not _number(p[k]) or not math.isfinite(p[k]) or p[k] <= 0:
+            raise ValueError(f"{k} must be a finite number > 0, got {p[k]!r}")
+        p[k] = float(p[k])
+    if p["beta"] < p["alpha"]:
+        raise ValueError(f"beta must be >= alpha, got alpha={p['alpha']}, beta={p['beta']}")
+    if not _whole(p["candidates"]) or not 1 <= p["candidates"] <= 100000:
+        raise ValueError(f"candidates must be an integer in 1..100000, got {p['candidates']!r}")
+    if not _whole(p["rounds"]) or not 1 <= p["rounds"] <= 1000:
+        raise ValueError(f"rounds must be an integer in 1..1000, got {p['rounds']!r}")
+    p["candidates"], p["rounds"] = int(p["candidates"]), int(p["rounds"])
+    for k, allowed in (("mode", MODES), ("metric", METRICS), ("act_search", ACT_SEARCHES)):
+        if p[k] not in allowed:
+            raise ValueError(f"{k} must be one of {', '.join(allowed)}, got {p[k]!r}")
+    return p
+
+
+def candidate_factors(p: dict) -> np.ndarray:
+    """The n multipliers of the init scale: linear in [alpha, beta] (float64)."""
+    return np.linspace(p["alpha"], p["beta"], p["candidates"], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# one layer on the calibration batch
+# --------------------------------------------------------------------------------------------
+
+def _exact_f32_columns(a_bits: int) -> int:
+    """Columns per float32 chunk of ``Q Q^T`` so that every partial sum is an integer < 2^24
+    (0: use float64)."""
+    return (1 << 24) // (1 << (2 * (a_bits - 1)))
+
+
+class LayerProblem:
+    """A layer, its calibration input ``x`` and float target ``Y*``: outputs, metrics and the
+    im2col statistics the weight search needs."""
+
+    def __init__(self, layer: GemmLayer, x: torch.Tensor, target: torch.Tensor, a_bits: int):
+        self.layer = layer
+        fmt = torch.channels_last if layer.kind == "conv" else torch.contiguous_format
+        # channels-last: the oneDNN convolution of the activation search is ~3x faster
+        self.x = x.detach().to(torch.float32).contiguous(memory_format=fmt)
+        self.target = target.detach().to(torch.float32).contiguous(memory_format=fmt)
+        self.a_bits = a_bits
+        self.lo, self.hi = qrange(a_bits)
+        self.O, self.K = layer.O, layer.K
+        b = layer.bias
+        self.bias = (b.detach().to(torch.float64).numpy() if b is not None
+                     else np.zeros(self.O, dtype=np.float64))
+        t64 = self.target.reshape(-1).to(torch.float64)
+        self.t2 = float(torch.dot(t64, t64))
+        self.x_absmax = float(self.x.abs().max())
+
+    # -- the real layer output -----------------------------------------------------------------
+    def quantize_input(self, s: float) -> torch.Tensor:
+        """``clamp(round(x / s))`` exactly as ``GemmLayer.quantize_input`` computes it."""
+        return torch.div(self.x, s).round_().clamp_(self.lo, self.hi)
+
+    def output(self, w: np.ndarray, s: float) -> torch.Tensor:
+        """Layer output with O x K weights ``w`` and input quantized with scale ``s`` (the
+        fake-quant path: float32 operands, as ``GemmLayer.fake_forward``)."""
+        xin = self.quantize_input(s).mul_(np.float32(s))
+        wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        wt = wt.reshape(self.layer.weight.shape)
+        if self.layer.kind == "conv":
+            wt = wt.contiguous(memory_format=torch.channels_last)
+        return self.layer.float_forward(xin, wt)
+
+    def metric(self, y: torch.Tensor, metric: str) -> float:
+        """Eq. 6 between ``Y*`` and ``y``: ``||Y* - y||`` or ``1 - cos(Y*, y)`` (float64 sums)."""
+        if y.layout == torch.strided and y.dim() == 4:
+            y = y.contiguous(memory_format=torch.channels_last)
+        if metric == "euclidean":
+            return float(torch.linalg.vector_norm(self.target - y, dtype=torch.float64))
+        t64, y64 = self.target.to(torch.float64), y.to(torch.float64)
+        dot = float(torch.sum(t64 * y64))
+        return _one_minus_cos(dot, float(torch.sum(y64 * y64)), self.t2)
+
+    def error(self, w: np.ndarray, s: float, metric: str) -> float:
+        return self.metric(self.output(w, s), metric)
+
+    # -- im2col view ---------------------------------------------------------------------------
+    def columns(self, q: torch.Tensor, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Xc, Tc)``: the K x M im2col columns of images ``b0:b1`` of ``q`` and the O x M
+        target columns (float32), columns in (image, output pixel) order.
+
+        Same columns as ``GemmLayer.im2col`` (``F.unfold``), built from strided views of the
+        padded input: ~10x faster than this torch's ``F.unfold`` on CPU.
+        """
+        l = self.layer
+        if l.kind == "linear":
+            return (q[b0:b1].reshape(b1 - b0, -1).t(),
+                    self.target[b0:b1].reshape(b1 - b0, -1).t())
+        qc = q[b0:b1].permute(1, 0, 2, 3)                    # C x b x H x W
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = l.kernel_size, l.stride, l.padding, l.dilation
+        Ho, Wo = l.out_hw(q.shape[2], q.shape[3])
+        xp = F.pad(qc, (pw, pw, ph, ph)) if ph or pw else qc
+        views = [xp[:, :, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
+                 for i in range(kh) for j in range(kw)]
+        X = torch.stack(views, 1).reshape(self.K, -1)
+        T = self.target[b0:b1].permute(1, 0, 2, 3).reshape(self.O, -1)
+        return X, T
+
+    def _chunks(self, q: torch.Tensor, elements: int):
+        """``columns`` of successive image chunks of about ``elements`` im2col entries."""
+        B = q.shape[0]
+        if self.layer.kind == "linear":
+            per_image = self.K
+        else:
+            ho, wo = self.layer.out_hw(q.shape[2], q.shape[3])
+            per_image = self.K * ho * wo
+        step = max(1, min(B, elements // per_image))
+        for b0 in range(0, B, step):
+            yield self.columns(q, b0, min(B, b0 + step))
+
+    def gram_stats(self, s: float) -> dict:
+        """H = Xq Xq^T, Gs = Y* Xq^T, u = Xq 1, ys = Y* 1 (float64) for ``Xq = s * Q``."""
+        q = self.quantize_input(s)
+        K, O = self.K, self.O
+        H = torch.zeros(K, K, dtype=torch.float64)
+        Gs = torch.zeros(O, K, dtype=torch.float64)
+        u = torch.zeros(K, dtype=torch.float64)
+        ys = torch.zeros(O, dtype=torch.float64)
+        step = _exact_f32_columns(self.a_bits)
+        n_cols = 0
+        for X, T in self._chunks(q, 1 << 21):               # ~8 MB float32 chunks
+            M = X.shape[1]
+            n_cols += M
+            X64 = X.to(torch.float64)
+            if step >= 1:           # integer sums below 2^24 per GEMM: exact in float32
+                full = M // step
+                if full:
+                    Xv = X[:, :full * step].reshape(K, full, step).permute(1, 0, 2)
+                    H += torch.bmm(Xv, Xv.transpose(1, 2)).sum(0, dtype=torch.float64)
+                if full * step < M:
+                    Xr = X[:, full * step:]
+                    H += (Xr @ Xr.t()).to(torch.float64)
+            else:
+                H += X64 @ X64.t()
+            T64 = T.to(torch.float64)
+            Gs += T64 @ X64.t()
+            u += X64.sum(1)
+            ys += T64.sum(1)
+        return {"H": (H * (s * s)).numpy(), "Gs": (Gs * s).numpy(), "u": (u * s).numpy(),
+                "ys": ys.numpy(), "N": n_cols}
+
+    def direct_data(self, s: float) -> tuple[np.ndarray, np.ndarray]:
+        """``Xq = s * Q`` (K x N) and ``Y*`` (O x N) in float64, columns in (image, pixel) order."""
+        X, T = self.columns(self.quantize_input(s), 0, self.x.shape[0])
+        return (X.to(torch.float64) * s).numpy(), T.to(torch.float64).numpy()
+
+
+def _one_minus_cos(dot, nrm2, t2):
+    """``1 - dot / sqrt(nrm2 * t2)`` elementwise; 1 where the norm is 0 (cosine undefined)."""
+    dot, nrm2 = np.asarray(dot, dtype=np.float64), np.asarray(nrm2, dtype=np.float64)
+    den = np.sqrt(np.maximum(nrm2, 0.0) * t2)
+    out = np.ones(np.broadcast(dot, den).shape)
+    ok = den > 0
+    np.divide(dot, den, out=out, where=ok)
+    out = np.where(ok, 1.0 - out, 1.0)
+    return float(out) if out.ndim == 0 else out
+
+
+# --------------------------------------------------------------------------------------------
+# activation-scale search
+# --------------------------------------------------------------------------------------------
+
+def search_act_scale(prob: LayerProblem, w: np.ndarray, grid: np.ndarray, current: float,
+                     metric: str, how: str) -> tuple[float, float, int]:
+    """Best input scale for weights ``w`` among ``grid`` (n scales, ascending), keeping
+    ``current`` unless a candidate is strictly better. Returns (scale, metric, evaluations)."""
+    memo: dict[int, float] = {}
+
+    def f(i):
+        if i not in memo:
+            memo[i] = prob.error(w, float(grid[i]), metric)
+        return memo[i]
+
+    n = len(grid)
+    if how == "grid":
+        for i in range(n):
+            f(i)
+    else:
+        lo, hi = 0, n - 1
+        while hi - lo > 2:
+            d = max(1, int(round((hi - lo) * 0.3819660112501051)))
+            m1, m2 = lo + d, hi - d
+            if m2 <= m1:
+                m2 = m1 + 1
+            if f(m1) <= f(m2):
+                hi = m2
+            else:
+                lo = m1
+        for i in range(lo, hi + 1):
+            f(i)
+    f_cur = prob.error(w, current, metric)
+    best = min(memo, key=lambda i: (memo[i], i))
+    evals = len(memo) + 1
+    if memo[best] < f_cur:
+        return float(grid[best]), memo[best], evals
+    return float(current), f_cur, evals
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 1
+# --------------------------------------------------------------------------------------------
+
+class _GramEval:
+    """Per-candidate error terms of one column block from ``H``, ``G`` (no samples)."""
+
+    def __init__(self, st: dict, bias: np.ndarray, metric: str):
+        self.H, self.Gs, self.u, self.ys, self.N = st["H"], st["Gs"], st["u"], st["ys"], st["N"]
+        self.b = bias
+        self.G = self.Gs - np.outer(bias, self.u)           # (Y* - b 1^T) Xq^T
+        self.metric = metric
+        self.HW = None
+
+    def start_round(self, What):
+        self.HW = What @ self.H
+
+    def update(self, cs, dz):
+        """``What[:, cs]`` changed by ``dz``: keep the cached ``What H`` in step."""
+        self.HW += dz @ self.H[cs, :]
+
+    def totals(self, What):
+        """(<Y*, Y^>, ||Y^||^2) of the current weights (cosine)."""
+        A = float((What * self.Gs).sum() + self.b @ self.ys)
+        Nn = float((What * self.HW).sum() + 2 * self.b @ (What @ self.u) + self.N * (self.b @ self.b))
+        return A, Nn
+
+    def _terms(self, cs, Z, zc, rows_to_rb):
+        """Row values of the z-dependent parts for all candidates Z (m x O x c)."""
+        Hjj = self.H[cs, cs]
+        rest = self.HW[:, cs] - zc @ Hjj                    # (H_{j,-j} w_{-j}) per row
+        m, O, c = Z.shape
+        step = max(1, _CHUNK // max(1, O * c))
+        quad = np.empty((m, O))
+        for t0 in range(0, m, step):
+            Zt = Z[t0:t0 + step]
+            quad[t0:t0 + step] = np.einsum("toc,toc->to", (Zt.reshape(-1, c) @ Hjj).reshape(Zt.shape), Zt)
+        if self.metric == "euclidean":
+            f = quad - 2.0 * np.einsum("toc,oc->to", Z, self.G[:, cs] - rest)
+            return (rows_to_rb(f),)
+        pa = np.einsum("toc,oc->to", Z, self.Gs[:, cs])
+        pn = quad + 2.0 * np.einsum("toc,oc->to", Z, rest + np.outer(self.b, self.u[cs]))
+        return rows_to_rb(pa), rows_to_rb(pn)
+
+    def euclid(self, cs, Z, zc, rows_to_rb):
+        return self._terms(cs, Z, zc, rows_to_rb)[0]
+
+    def cosine(self, cs, Z, zc, rows_to_rb):
+        return self._terms(cs, Z, zc, rows_to_rb)
+
+
+class _DirectEval:
+    """Per-candidate error terms of one column block evaluated on the samples (Eq. 6)."""
+
+    def __init__(self, Xq: np.ndarray, Y: np.ndarray, bias: np.ndarray, metric: str):
+        self.Xq, self.Y, self.b, self.metric = Xq, Y, bias, metric
+        self.What = None
+
+    def start_round(self, What):
+        self.What = What
+
+    def update(self, cs, dz):
+        pass                                            # What is shared with the search
+
+    def totals(self, What):
+        Yh = What @ self.Xq + self.b[:, None]
+        return float((self.Y * Yh).sum()), float((Yh * Yh).sum())
+
+    def _base(self, cs, zc):
+        return self.What @ self.Xq - zc @ self.Xq[cs] + self.b[:, None]     # block j removed
+
+    def euclid(self, cs, Z, zc, rows_to_rb):
+        base = self._base(cs, zc)
+        Xj = self.Xq[cs]
+        out = []
+        for t in range(Z.shape[0]):
+            e = self.Y - (base + Z[t] @ Xj)
+            out.append(rows_to_rb((e * e).sum(1)[None])[0])
+        return np.stack(out)
+
+    def cosine(self, cs, Z, zc, rows_to_rb):
+        base = self._base(cs, zc)
+        Xj = self.Xq[cs]
+        pa, pn = [], []
+        for t in range(Z.shape[0]):
+            Yh = base + Z[t] @ Xj
+            pa.append(rows_to_rb((self.Y * Yh).sum(1)[None])[0])
+            pn.append(rows_to_rb((Yh * Yh).sum(1)[None])[0])
+        return np.stack(pa), np.stack(pn)
+
+
+def _fake(w, s, lo, hi):
+    """``s * clamp(round(w / s))`` (float64 division, half to even: ``pimsim.quant.quantize``)."""
+    return s * np.clip(np.rint(w / s), lo, hi)
+
+
+def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, rounds: int,
+               evaluator, metric: str, t2: float = 1.0) -> tuple[np.ndarray, dict]:
+    """Greedy coordinate descent over the tile scales of the O x K matrix ``W``.
+
+    ``evaluator`` gives, for the candidates of one column block, per-row-block error terms
+    (``_GramEval`` or ``_DirectEval``). Returns (scales, info).
+    """
+    W = np.asarray(W, dtype=np.float64)
+    lo, hi = qrange(w_bits)
+    S0 = max_scales(W, grid, w_bits)
+    cands = factors[:, None, None] * S0[None]               # (n, nrb, ncb)
+    n = len(factors)
+    S = S0.copy()
+    # index of the current scale in the candidate list; -1 = the init (not on the grid)
+    match = cands == S0[None]
+    cur_idx = np.where(match.any(0), match.argmax(0), -1)
+    rb_of_row = grid.row_block_index()
+    rb_starts = np.arange(0, grid.O, grid.r)
+    nrb = grid.n_row_blocks
+
+    def rows_to_rb(v):
+        return np.add.reduceat(v, rb_starts, axis=1)
+
+    What = _fake(W, grid.expand(S), lo, hi)
+    changes = []
+    for _ in range(rounds):
+        changed = 0
+        evaluator.start_round(What)
+        for j in range(grid.n_col_blocks):
+            cs = grid.col_slice(j)
+            Wj = W[:, cs]
+            zc = What[:, cs].copy()
+            St = cands[:, rb_of_row, j][:, :, None]          # (n, O, 1)
+            Z = np.concatenate([_fake(Wj[None], St, lo, hi), zc[None]])   # current last
+            ci = np.where(cur_idx[:, j] >= 0, cur_idx[:, j], n)          # (nrb,)
+            if metric == "euclidean":
+                Fv = evaluator.euclid(cs, Z, zc, rows_to_rb)           # (n + 1, nrb)
+                best = np.argmin(Fv[:n], axis=0)
+                take = Fv[best, np.arange(nrb)] < Fv[ci, np.arange(nrb)]
+            else:
+                A, Nn = evaluator.totals(What)
+                pa, pn = evaluator.cosine(cs, Z, zc, rows_to_rb)
+                best = np.zeros(nrb, dtype=np.int64)
+                take = np.zeros(nrb, dtype=bool)
+                for i in range(nrb):                         # sequential: cosine couples them
+                    c = ci[i]
+                    At = A + (pa[:, i] - pa[c, i])
+                    Nt = Nn + (pn[:, i] - pn[c, i])
+                    m = _one_minus_cos(At, Nt, t2)
+                    best[i] = np.argmin(m[:n])
+                    if m[best[i]] < m[c]:
+                        take[i] = True
+                        A, Nn = At[best[i]], Nt[best[i]]
+            if take.any():
+                rows = take[rb_of_row]
+                What[rows, cs] = Z[best[rb_of_row], np.arange(grid.O)][rows]
+                S[take, j] = cands[best[take], np.nonzero(take)[0], j]
+                cur_idx[take, j] = best[take]
+                changed += int(take.sum())
+                evaluator.update(cs, What[:, cs] - zc)
+        changes.append(changed)
+        if changed == 0:
+            break
+    return S, {"rounds": len(changes), "changes": changes}
+
+
+# --------------------------------------------------------------------------------------------
+# calibration methods
+# --------------------------------------------------------------------------------------------
+
+def _dequant(W, grid, S, bits):
+    """Dequantized weights exactly as ``GemmLayer.set_quant`` forms them (float32)."""
+    return quantize_weight(W, grid, S, bits).astype(np.float32) * grid.expand(S).astype(np.float32)
+
+
+def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_bits: int,
+                 a_bits: int, params: dict) -> LayerQuant:
+    """PTQ-SL per-layer pipeline (see the module docstring)."""
+    if target is None:
+        raise ValueError(f"layer {layer.name}: ptqsl needs the float network's layer output")
+    p = check_params(params)
+    metric, t_start = p["metric"], time.perf_counter()
+    grid = gran.resolve(layer.O, layer.K)
+    prob = LayerProblem(layer, x, target, a_bits)
+    W32 = layer.weight_matrix()
+    W = W32.astype(np.float64)
+    factors = candidate_factors(p)
+    s_max = float(max_scale(prob.x_absmax, a_bits))
+    act_grid = factors * s_max
+    S_max = max_scales(W, grid, w_bits)
+    W_max = _dequant(W, grid, S_max, w_bits)
+    times = {}
+
+    # 1. activation scale with float weights
+    t0 = time.perf_counter()
+    s1, e1, ev1 = search_act_scale(prob, W32, act_grid, s_max, metric, p["act_search"])
+    times["act1_s"] = time.perf_counter() - t0
+
+    # 2. Algorithm 1 with s_x = s1 fixed
+    t0 = time.perf_counter()
+    if p["mode"] == "gram":
+        ev = _GramEval(prob.gram_stats(s1), prob.bias, metric)
+    else:
+        Xq, Y = prob.direct_data(s1)
+        ev = _DirectEval(Xq, Y, prob.bias, metric)
+    times["stats_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    S, ainfo = algorithm1(W, grid, w_bits, factors, p["rounds"], ev, metric, prob.t2)
+    times["search_s"] = time.perf_counter() - t0
+    W_hat = _dequant(W, grid, S, w_bits)
+
+    # 3. activation scale again with the quantized weights
+    t0 = time.perf_counter()
+    s3, e3, ev3 = search_act_scale(prob, W_hat, act_grid, s1, metric, p["act_search"])
+    times["act2_s"] = time.perf_counter() - t0
+
+    # 4. never worse than max calibration on the layer objective
+    err_max = prob.error(W_max, s_max, metric)
+    err_init = prob.error(W_max, s1, metric)
+    fallback = not e3 <= err_max
+    if fallback:
+        S, s3, e3 = S_max, s_max, err_max
+    info = {"method": "ptqsl", "metric": metric, "mode": p["mode"], "act_search": p["act_search"],
+            "err_max": err_max, "err_init": err_init, "err_act1": e1, "err": e3,
+            "rounds": ainfo["rounds"], "changes": ainfo["changes"], "act_evals": ev1 + ev3,
+            "fallback": fallback, "seconds": time.perf_counter() - t_start, **times}
+    if metric == "euclidean" and prob.t2 > 0:
+        info["rel_err"] = e3 / math.sqrt(prob.t2)
+        info["rel_err_max"] = err_max / math.sqrt(prob.t2)
+    return LayerQuant(grid, S, float(s3), w_bits, a_bits, info=info)
+
+
+def mse_scales(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray) -> np.ndarray:
+    """Per tile, the scale among the max init and ``factors * init`` minimizing
+    ``||W_ij - W^_ij||^2`` (the init wins ties, then the lowest candidate index)."""
+    W = np.asarray(W, dtype=np.float64)
+    lo, hi = qrange(w_bits)
+    S0 = max_scales(W, grid, w_bits)
+    rb_starts, cb_starts = np.arange(0, grid.O, grid.r), grid.col_bounds()[:-1]
+
+    def tile_err(S):                                    # S: (m, nrb, ncb) -> (m, nrb, ncb)
+        Sx = np.repeat(np.repeat(S, grid.r, axis=1)[:, :grid.O], grid.c, axis=2)[:, :, :grid.K]
+        e = W[None] - _fake(W[None], Sx, lo, hi)
+        e *= e
+        return np.add.reduceat(np.add.reduceat(e, rb_starts, axis=1), cb_starts, axis=2)
+
+    e0 = tile_err(S0[None])[0]
+    best_e = np.full(S0.shape, np.inf)
+    best_s = S0.copy()
+    step = max(1, _CHUNK // (grid.O * grid.K))
+    for t0 in range(0, len(factors), step):
+        cand = factors[t0:t0 + step, None, None] * S0[None]
+        e = tile_err(cand)
+        k = np.argmin(e, axis=0)
+        ek = np.take_along_axis(e, k[None], 0)[0]
+        better = ek < best_e
+        best_e[better] = ek[better]
+        best_s[better] = np.take_along_axis(cand, k[None], 0)[0][better]
+    return np.where(best_e < e0, best_s, S0)
+
+
+def mse_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_bits: int,
+               a_bits: int, params: dict) -> LayerQuant:
+    """Weight-only MSE search per tile; activation scale by max calibration."""
+    p = check_params(params)
+    grid = gran.resolve(layer.O, layer.K)
+    S = mse_scales(layer.weight_matrix(), grid, w_bits, candidate_factors(p))
+    act_scale = float(max_scale(float(x.abs().max()), a_bits))
+    return LayerQuant(grid, S, act_scale, w_bits, a_bits, info={"method": "mse"})
+
+
+register_method("ptqsl", ptqsl_method, needs_target=True)
+register_method("mse", mse_method, needs_target=False)
