@@ -4,8 +4,9 @@ Layers are calibrated in network order in one pass over the calibration batch: w
 reaches a layer, all earlier layers are already quantized, so the layer sees the input the
 quantized network really gives it; it picks its scales, quantizes itself, and its quantized
 output feeds the next layer. Methods: ``max`` (``s = max|W_ij| / (2^(b-1)-1)`` per tile,
-activation scale from the max of the calibration input). The PTQ-SL search plugs in as
-another method.
+activation scale from the max of the calibration input), and from ``pimsim.ptqsl``: ``ptqsl``
+(activation-scale search + Algorithm 1 against the float layer output) and ``mse`` (per-tile
+weight-MSE search, no data).
 """
 
 from __future__ import annotations
@@ -117,3 +118,6 @@ def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int
         raise RuntimeError(f"layers never reached by the forward pass: {missed}")
     return {"calibration_s": time.perf_counter() - t0,
             "float_layers": [l.name for l in net.layers if l.name in keep]}
+
+
+from . import ptqsl  # noqa: E402,F401  — registers the "ptqsl" and "mse" methods

@@ -9,7 +9,10 @@ Schema (defaults in brackets; see README for the full table):
     quant.act_bits      2..16                                            [8]
     quant.tile          channelwise | layerwise | [r, c] | [r, null]     [channelwise]
     quant.splits        m of Method 2 (with tile [r, null]), or null     [null]
-    quant.calibration   max                                              [max]
+    quant.calibration   max | mse | ptqsl                                [ptqsl]
+    quant.metric        euclidean | cosine (PTQ-SL objective)            [euclidean]
+    quant.search.*      alpha [0.5], beta [1.2], candidates [100], rounds [3],
+                        mode gram|direct [gram], act_search golden|grid [golden]
     quant.calib_images  calibration images from data_batch_1             [128]
     quant.seed          seed of the calibration draw                     [0]
     quant.float_layers  auto (first and last GEMM) | list of layer names [auto]
@@ -30,7 +33,7 @@ import yaml
 
 from .quant import Granularity, MAX_BITS, MIN_BITS
 
-CALIBRATIONS = ("max",)
+CALIBRATIONS = ("max", "mse", "ptqsl")
 BACKENDS = ("kernel", "fake")
 
 
@@ -87,6 +90,19 @@ def _tile(v):
     return None
 
 
+def _search(v):
+    if not isinstance(v, dict):
+        return "must be a mapping of alpha, beta, candidates, rounds, mode, act_search"
+    if "metric" in v:
+        return "the metric is quant.metric, not quant.search.metric"
+    from .ptqsl import check_params      # lazy import: avoids a cycle
+    try:
+        check_params(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _float_layers(v):
     if v == "auto":
         return None
@@ -108,7 +124,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tile": Key("channelwise", _tile, "sub-matrix shape: channelwise, layerwise, [r, c] "
                     "(Method 1) or [r, null] with splits (Method 2)"),
         "splits": Key(None, _optional(_int_in(1)), "m of Method 2: c = ceil(K / m)"),
-        "calibration": Key("max", _one_of(CALIBRATIONS), "scale calibration method"),
+        "calibration": Key("ptqsl", _one_of(CALIBRATIONS), "scale calibration method"),
+        "metric": Key("euclidean", _one_of(("euclidean", "cosine")),
+                      "PTQ-SL objective (Eq. 6): euclidean ||Y-Ŷ|| or cosine 1-cos(Y,Ŷ)"),
+        "search": Key({"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3,
+                       "mode": "gram", "act_search": "golden"}, _search,
+                      "PTQ-SL / mse search: candidates linear in [alpha, beta] x max init, "
+                      "rounds of Algorithm 1, mode gram|direct, act_search golden|grid"),
         "calib_images": Key(128, _int_in(1, 10000), "calibration images from data_batch_1"),
         "seed": Key(0, _int_in(0), "seed of the calibration image draw"),
         "float_layers": Key("auto", _float_layers,
@@ -194,15 +216,26 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
     items += [(k, v, "--set") for k, v in overrides]
     origin = {}                                   # dotted key -> where its value came from
     for dotted, value, where in items:
-        sec, _, key = dotted.partition(".")
+        sec, _, rest = dotted.partition(".")
+        key, _, sub = rest.partition(".")
         if sec not in SCHEMA:
             raise _err(where, dotted, value, f"unknown section; allowed: {', '.join(SCHEMA)}")
         if key not in SCHEMA[sec]:
             raise _err(where, dotted, value,
                        f"unknown key; allowed in {sec}: {', '.join(SCHEMA[sec])}")
-        problem = SCHEMA[sec][key].check(value)
+        spec = SCHEMA[sec][key]
+        shown = value                                  # the value as the user wrote it
+        if sub or isinstance(spec.default, dict):      # a mapping key: merge onto what is set
+            if not isinstance(spec.default, dict):
+                raise _err(where, dotted, value, f"{sec}.{key} has no sub-keys")
+            if sub:
+                value = {sub: value}
+            if not isinstance(value, dict):
+                raise _err(where, dotted, value, "must be a mapping")
+            value = {**data[sec][key], **value}
+        problem = spec.check(value)
         if problem:
-            raise _err(where, dotted, value, problem)
+            raise _err(where, dotted, shown, problem)
         data[sec][key] = value
         origin[dotted] = where
     # cross-field rules

@@ -58,15 +58,19 @@ def quantize_network(prep: Prepared, progress: bool = True) -> dict:
     """Calibrate ``prep.net`` as the config says; returns calibration info."""
     cfg = prep.cfg
     calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)
+    params = {**cfg["quant.search"], "metric": cfg["quant.metric"]}
     return calibrate(prep.net, to_tensor(calib), cfg.granularity, cfg["quant.weight_bits"],
                      cfg["quant.act_bits"], method=cfg["quant.calibration"],
-                     float_layers=cfg["quant.float_layers"], progress=progress)
+                     float_layers=cfg["quant.float_layers"], progress=progress, params=params)
 
 
 def layer_table(net: Network) -> list[dict]:
     """One entry per quantized layer: name, O, K, tile (r, c) and number of scales."""
+    keys = ("err_max", "err", "rounds", "fallback")
     return [{"name": l.name, "O": l.O, "K": l.K, "tile": [l.quant.grid.r, l.quant.grid.c],
-             "scales": int(l.quant.grid.n_tiles)} for l in net.quantized_layers]
+             "scales": int(l.quant.grid.n_tiles),
+             "calib": {k: l.quant.info[k] for k in keys if k in l.quant.info}}
+            for l in net.quantized_layers]
 
 
 def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = True) -> dict:
