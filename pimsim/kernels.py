@@ -39,12 +39,6 @@ from numba import njit, prange
 
 from .quant import TileGrid
 
-# Numba's OpenMP layer and torch's OpenMP pool fight over the cores when the machine is busy
-# (measured: 2-3x slower under load); the workqueue layer does not. A user's
-# NUMBA_THREADING_LAYER still wins.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
 F32_EXACT = 2**24
 F64_EXACT = 2**53
 PATHS = ("auto", "f32", "f64", "int")

@@ -259,7 +259,7 @@ def test_worst_case_int_path_beyond_2_53():
     (40, 100, 8, 30, 16, 16),           # f64 path
     (33, 50, 5, 7, 14, 14),             # f64 path, ragged tiles
 ])
-@pytest.mark.parametrize("chunk_bytes", [None, 1 << 20])      # the module's default, and 1 MiB
+@pytest.mark.parametrize("chunk_bytes", [None, 1 << 22])      # the module's default, and 4 MiB
 def test_several_chunks(monkeypatch, O, K, r, c, wb, ab, chunk_bytes):
     if chunk_bytes is not None:
         monkeypatch.setattr(kernels, "_CHUNK_BYTES", chunk_bytes)
@@ -359,9 +359,8 @@ def test_wrong_input_k(setup):
             op.partial_sums(bad)
 
 
-# BUG (pimsim/kernels.py, TiledGemm.__call__): ``N = xq.shape[1]`` is read before the input is
-# validated, so a 1-D input (e.g. one column of length K) raises IndexError("tuple index out
-# of range") instead of the ValueError("input must be K x N ...") that partial_sums gives.
+# Regression: an early version read ``N = xq.shape[1]`` before validating the input, so a 1-D
+# input (one column of length K) raised IndexError instead of this ValueError.
 def test_one_dimensional_input_is_value_error(setup):
     g, wq, xq, s = setup
     op = TiledGemm(wq, g, s, w_bits=4)

@@ -148,15 +148,11 @@ def test_fake_quantize_is_dequantized_quantize():
 
 # numpy vs torch on float32 data -------------------------------------------------------------
 #
-# BUG (pimsim/quant.py, quantize): the torch path casts the scale to the dtype of the data and
-# divides in float32 for float32 tensors (and for integer tensors), while the numpy path divides
-# in float64 (NumPy 2 promotes float32 / float64-array to float64).  When x / s lies just below
-# a half-integer the float32 quotient rounds up onto the .5 and round-half-even then goes the
-# other way, so the two give different integers for the same data.  Example:
-#     x = float32(-3.35) = -3.3499999046325684, s = 0.1, bits 8
-#     exact x / s = -33.49999990463...        -> round = -33
-#     numpy:  -33 (correct)      torch: float32(x) / float32(0.1) = -33.5 -> -34
-# These tests fail until the torch path divides in float64 (or both in the same precision).
+# Regression: the torch path used to divide in the dtype of the data (float32 for float32 and
+# integer tensors) while numpy divided in float64, so for x / s just below a half-integer the
+# float32 quotient rounded onto the .5 and the two paths gave different integers, e.g.
+#     x = float32(-3.35) = -3.3499999046325684, s = 0.1, bits 8: exact x / s = -33.49999990...
+#     numpy -33 (correct), torch float32(x) / float32(0.1) = -33.5 -> -34.
 
 @pytest.mark.parametrize("x,s", [(-3.35, 0.1), (7.95, 0.1), (6.125, 0.07)])
 def test_numpy_torch_same_integers_float32_known_cases(x, s):
@@ -178,6 +174,19 @@ def test_numpy_torch_same_integers_float32(bits, seed, log_scale):
     x = ((k + 0.5 + rng.uniform(-1e-6, 1e-6, size=k.size)) * s).astype(np.float32)
     qn, qt = both(x, s, bits)
     np.testing.assert_array_equal(qn, qt)
+
+
+@HYP
+@given(bits=st.integers(2, 16), seed=st.integers(0, 2**32 - 1), log_scale=st.floats(-2, 3),
+       dtype=st.sampled_from([np.int8, np.int16, np.int32]))
+def test_numpy_torch_same_integers_integer_data(bits, seed, log_scale, dtype):
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    x = rng.integers(max(info.min, -(2**20)), min(info.max, 2**20), size=3000).astype(dtype)
+    s = 10.0 ** log_scale
+    qn, qt = both(x, s, bits)
+    np.testing.assert_array_equal(qn, qt)
+    np.testing.assert_array_equal(qn, np.clip(np.rint(x.astype(np.float64) / s), *qr(bits)))
 
 
 # errors ---------------------------------------------------------------------------------------
@@ -386,10 +395,9 @@ def test_max_scale_values():
     assert max_scale(3.0, 2) == 3.0          # 2 bits: levels -2..1, hi = 1
 
 
-# BUG (pimsim/quant.py, max_scale): a non-zero absmax below hi * 5e-324 (float64 subnormal
-# range) gives absmax / hi == 0.0, so max_scale returns scale 0 for a non-zero tile and
-# quantize_weight then raises "scale must be > 0".  Expected a positive scale (e.g. 1.0 as for an
-# all-zero tile, or the smallest positive double).  Input: absmax 5e-324, bits 4 -> got 0.0.
+# Regression: a non-zero absmax below hi * 5e-324 (float64 subnormal range) gave
+# absmax / hi == 0.0, i.e. scale 0 for a non-zero tile, and quantize_weight then raised
+# "scale must be > 0" (input: absmax 5e-324, bits 4 -> scale 0.0).
 def test_max_scale_positive_for_tiny_nonzero_absmax():
     s = max_scale(np.array([5e-324, 1e-323]), 4)
     assert (s > 0).all(), f"max_scale gave {s} for a non-zero absmax"
