@@ -58,8 +58,17 @@ def granularity(method, r, c, m) -> Granularity:
     return Granularity.tile(r, c) if method == "method1" else Granularity.split(r, m)
 
 
+def _s(v) -> str:
+    """A CSV cell as text: None is the empty cell."""
+    return "" if v is None else str(v)
+
+
 def _key(row) -> tuple:
-    return (row["method"], str(row["r"]), str(row["c"]), str(row["m"]))
+    return (row["method"], _s(row["r"]), _s(row["c"]), _s(row["m"]))
+
+
+def _point_key(method, r, c=None, m=None) -> tuple:
+    return (method, _s(r), _s(c), _s(m))
 
 
 def read_done(path: Path) -> dict:
@@ -76,8 +85,7 @@ def table(rows: dict, method: str, cols, col_name: str) -> list[str]:
     for r in R_GRID:
         cells = []
         for c in cols:
-            key = (method, str(r), str(c) if method == "method1" else "None",
-                   str(c) if method == "method2" else "None")
+            key = _point_key(method, r, *((c, None) if method == "method1" else (None, c)))
             cells.append(f"{100 * float(rows[key]['top1']):.2f}" if key in rows else "-")
         out.append(f"| {r} | " + " | ".join(cells) + " |")
     return out
@@ -90,8 +98,7 @@ def heatmap(rows: dict, method: str, cols, col_name: str, title: str, path: Path
     a = np.full((len(R_GRID), len(cols)), np.nan)
     for i, r in enumerate(R_GRID):
         for j, c in enumerate(cols):
-            key = (method, str(r), str(c) if method == "method1" else "None",
-                   str(c) if method == "method2" else "None")
+            key = _point_key(method, r, *((c, None) if method == "method1" else (None, c)))
             if key in rows:
                 a[i, j] = 100 * float(rows[key]["top1"])
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -134,8 +141,7 @@ def main(argv=None) -> int:
     stem = f"granularity-{args.model}-W{args.wbits}A{args.abits}-{args.calibration}"
     csv_path = out / f"{stem}.csv"
     done = read_done(csv_path)
-    todo = [p for p in grid_points(args.grids)
-            if (p[0], str(p[1]), str(p[2]), str(p[3])) not in done]
+    todo = [p for p in grid_points(args.grids) if _point_key(*p) not in done]
     print(f"{len(done)} points done, {len(todo)} to compute -> {csv_path}", file=sys.stderr)
     net = prep.net
     new_file = not csv_path.exists()
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
                    "images": len(images)}
             w.writerow(row)
             f.flush()
-            done[_key({k: str(v) for k, v in row.items()})] = {k: str(v) for k, v in row.items()}
+            done[_key(row)] = {k: _s(v) for k, v in row.items()}
     rows = done
     title = f"{args.model} W{args.wbits}A{args.abits} {args.calibration}"
     md = [f"# Granularity study: {title}", "",

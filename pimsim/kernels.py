@@ -200,8 +200,9 @@ class TiledGemm:
     ``path``: ``auto`` (cheapest exact), ``f32``, ``f64`` or ``int`` — a float path whose bound
     is not exact is refused.
 
-    Internally the products are formed as ``P_j^T = X^T[:, cols_j] @ W_j^T`` (tall-skinny
-    GEMMs, the fast orientation when N >> O), in chunks of rows of X^T.
+    The products are formed per column block j, in chunks of N, in the orientation in which
+    BLAS reads the input as it is: ``W_j @ X_j`` for a K x N input, ``X_j^T @ W_j^T``
+    (tall-skinny, the faster one when N >> O) for an N x K input and for convolutions.
     """
 
     def __init__(self, wq, grid: TileGrid, scales, w_bits: int | None = None,

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import TiledGemm, conv_out_hw
-from .quant import TileGrid, qrange
+from .quant import TileGrid, qrange, quantize_weight
 
 MODES = ("float", "fake", "kernel")
 
@@ -101,7 +101,7 @@ class LayerQuant:
     info: dict = field(default_factory=dict)
 
     def weight_int(self, w: np.ndarray) -> np.ndarray:
-        from .quant import quantize_weight
+        """The layer's integer weights under this quantization."""
         return quantize_weight(w, self.grid, self.w_scales, self.w_bits)
 
 
