@@ -91,6 +91,30 @@ def table(rows: dict, method: str, cols, col_name: str) -> list[str]:
     return out
 
 
+def findings(rows: dict) -> list[str]:
+    """The paper's two Method 1 findings, computed: correlation of top-1 with log2(r*c), and
+    how often fewer rows win at a fixed r*c."""
+    m1 = [(int(v["r"]), int(v["c"]), float(v["top1"])) for k, v in rows.items()
+          if k[0] == "method1"]
+    if len(m1) < 3:
+        return []
+    size = np.log2([r * c for r, c, _ in m1])
+    acc = np.array([t for _, _, t in m1])
+    pearson = float(np.corrcoef(size, acc)[0, 1])
+    wins = total = 0
+    for i, (ri, ci, ti) in enumerate(m1):
+        for rj, cj, tj in m1[i + 1:]:
+            if ri * ci == rj * cj and ri != rj:
+                total += 1
+                wins += (ti > tj) == (ri < rj)
+    out = [f"Method 1: Pearson correlation of top-1 with log2(r*c): **{pearson:.2f}** "
+           f"(paper: -0.92 to -0.95 on ImageNet)."]
+    if total:
+        out.append(f"At equal r*c, the tile with fewer rows is more accurate in {wins} of {total} "
+                   "pairs (paper: fewer rows is better).")
+    return out + [""]
+
+
 def heatmap(rows: dict, method: str, cols, col_name: str, title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -175,6 +199,7 @@ def main(argv=None) -> int:
             md += [f"## {'Method 1: r x c' if method == 'method1' else 'Method 2: r x ceil(K/m)'}",
                    ""] + table(rows, method, cols, name) + [""]
             heatmap(rows, method, cols, name, f"{title}: {method}", out / f"{stem}-{method}.png")
+    md += findings(rows)
     extra = [(k[0], rows[k]) for k in rows if k[0] in ("channelwise", "layerwise")]
     if extra:
         md += ["| granularity | scales | top-1 |", "|---|---:|---:|"]
