@@ -277,7 +277,8 @@ def main(argv=None):
                 if args.breakdown:
                     row["breakdown_ms"] = breakdown(op, xq, sx, w32, x32, max(2, repeats // 2))
                 rows.append(row)
-                print(f"{model:9s} O={O:4d} K={K:5d} N={N:7d} {tile:12s} {op.path} J={g.n_col_blocks:3d} "
+                print(f"{model:9s} O={O:4d} K={K:5d} N={N:7d} {tile:12s} {op.path} "
+                      f"J={g.n_col_blocks:3d} "
                       f"kernel {row['kernel_gops']:7.1f} GOPS  fp32 {row['fp32_gops']:7.1f} GOPS  "
                       f"ratio {row['ratio']:.2f}  (other load {other:.2f} CPUs, {len(tries)} tries)",
                       flush=True)
@@ -286,10 +287,10 @@ def main(argv=None):
     ratios = [r["ratio"] for r in rows]
     summary = {
         "ratio_median": statistics.median(ratios),
-        "ratio_median_by_tile": {t: statistics.median([r["ratio"] for r in rows if r["tile"] == t])
-                                 for t in TILES},
-        "ratio_median_by_model": {m: statistics.median([r["ratio"] for r in rows if r["model"] == m])
-                                  for m in ARCHS},
+        "ratio_median_by_tile": {
+            t: statistics.median([r["ratio"] for r in rows if r["tile"] == t]) for t in TILES},
+        "ratio_median_by_model": {
+            m: statistics.median([r["ratio"] for r in rows if r["model"] == m]) for m in ARCHS},
         "threads": threads,
         "torch": torch.__version__,
         "numba": numba.__version__,

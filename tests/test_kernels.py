@@ -1,4 +1,4 @@
-"""Property tests of the tiled integer GEMM of Eq. 5 (pimsim.kernels) against its NumPy reference."""
+"""Property tests of the tiled integer GEMM of Eq. 5 (pimsim.kernels) against its reference."""
 
 from __future__ import annotations
 
@@ -119,13 +119,13 @@ def check(p, path="auto"):
 # Kernel == reference
 # --------------------------------------------------------------------------------------------
 
-@settings(PROP, max_examples=250)
+@settings(PROP, max_examples=150)
 @given(p=problems())
 def test_kernel_matches_reference(p):
     check(p)
 
 
-@settings(PROP, max_examples=100)
+@settings(PROP, max_examples=60)
 @given(p=problems(max_ok=60, max_n=150))
 def test_every_exact_path_matches_reference(p):
     need = plan_path(p["grid"].c, p["wb"], p["ab"])
@@ -252,14 +252,16 @@ def test_worst_case_int_path_beyond_2_53():
 # Several chunks of N
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("O,K,r,c,wb,ab", [
-    (64, 576, 64, 64, 4, 8),            # J=9 column blocks
-    (80, 16, 7, 1, 4, 8),               # small K, many column blocks
-    (16, 27, 16, 27, 8, 8),             # ResNet stem-like, small K: long chunks
-    (40, 100, 8, 30, 16, 16),           # f64 path
-    (33, 50, 5, 7, 14, 14),             # f64 path, ragged tiles
+@pytest.mark.parametrize("O,K,r,c,wb,ab,chunk_bytes", [
+    # chunk_bytes None: the module's default _CHUNK_BYTES; else patched (bytes per chunk)
+    (64, 576, 64, 64, 4, 8, 1 << 22),   # J=9 column blocks (a ResNet-20 stage-3 conv)
+    (80, 16, 7, 1, 4, 8, None),         # small K, many column blocks
+    (80, 16, 7, 1, 4, 8, 1 << 20),
+    (16, 27, 16, 27, 8, 8, None),       # ResNet stem-like, small K: long chunks
+    (40, 100, 8, 30, 16, 16, None),     # f64 path
+    (33, 50, 5, 7, 14, 14, None),       # f64 path, ragged tiles
+    (33, 50, 5, 7, 14, 14, 1 << 20),
 ])
-@pytest.mark.parametrize("chunk_bytes", [None, 1 << 22])      # the module's default, and 4 MiB
 def test_several_chunks(monkeypatch, O, K, r, c, wb, ab, chunk_bytes):
     if chunk_bytes is not None:
         monkeypatch.setattr(kernels, "_CHUNK_BYTES", chunk_bytes)
@@ -287,7 +289,7 @@ def test_several_chunks(monkeypatch, O, K, r, c, wb, ab, chunk_bytes):
         assert_bit_identical(op(xt, 0.05, bias=bias, layout="NK"), np.ascontiguousarray(ref.T))
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 5000, 1 << 16])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 16])
 @pytest.mark.parametrize("path", ["f32", "f64", "int"])
 def test_small_chunks(monkeypatch, chunk_bytes, path):
     """Chunks of the minimum 64 columns and N a multiple / not a multiple of the chunk."""
@@ -295,7 +297,7 @@ def test_small_chunks(monkeypatch, chunk_bytes, path):
     g = TileGrid(9, 20, 4, 6)
     rng = np.random.default_rng(chunk_bytes)
     wq = rand_ints(rng, (9, 20), 4, "uniform")
-    for N in (1, 63, 64, 65, 128, 129, 700):
+    for N in (1, 64, 65, 129, 700):
         xq = rand_ints(rng, (20, N), 8, "uniform")
         s = rng.uniform(0.1, 1, size=g.shape)
         op = TiledGemm(wq, g, s, w_bits=4, a_bits=8, path=path)
@@ -420,7 +422,7 @@ def test_plan_path_psum_bound(c, wb, ab, bound, path):
 # Quantizer + kernel: Eq. 5 computes W_deq @ X_deq
 # --------------------------------------------------------------------------------------------
 
-@settings(PROP, max_examples=100)
+@settings(PROP, max_examples=60)
 @given(O=st.integers(1, 50), K=st.integers(1, 80), N=st.integers(1, 120),
        r=st.integers(1, 60), c=st.integers(1, 90), wb=st.integers(2, 16), ab=st.integers(2, 16),
        seed=st.integers(0, 2**32 - 1), bias=st.booleans())
@@ -459,7 +461,7 @@ def test_kernel_is_fake_quant_matmul(O, K, N, r, c, wb, ab, seed, bias):
 # layout "NK": the input is X^T (N x K, e.g. pixel-major im2col), the result Y^T (N x O)
 # --------------------------------------------------------------------------------------------
 
-@settings(PROP, max_examples=80)
+@settings(PROP, max_examples=50)
 @given(p=problems(), small_chunks=st.booleans(), path=st.sampled_from(["auto", "f64", "int"]))
 def test_nk_layout_matches_reference(p, small_chunks, path):
     g = p["grid"]

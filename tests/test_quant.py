@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pimsim.quant import (
@@ -308,7 +308,8 @@ def test_bad_size_messages():
 
 
 grids = st.tuples(st.integers(1, 70), st.integers(1, 70), st.integers(1, 80),
-                  st.integers(1, 80)).map(lambda t: Granularity.tile(t[2], t[3]).resolve(t[0], t[1]))
+                  st.integers(1, 80)).map(
+    lambda t: Granularity.tile(t[2], t[3]).resolve(t[0], t[1]))
 
 
 @HYP
