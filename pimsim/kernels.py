@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .quant import TileGrid
+from .quant import TileGrid, check_bits
 
 F32_EXACT = 2**24
 F64_EXACT = 2**53
@@ -216,8 +216,8 @@ class TiledGemm:
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise ValueError("scales must be finite and > 0")
         self.grid = grid
-        self.w_bits = int(w_bits) if w_bits is not None else _bits_of(wq.dtype)
-        self.a_bits = int(a_bits)
+        self.w_bits = check_bits(w_bits if w_bits is not None else _bits_of(wq.dtype), "w_bits")
+        self.a_bits = check_bits(a_bits, "a_bits")
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         need = plan_path(grid.c, self.w_bits, self.a_bits)
@@ -337,7 +337,10 @@ class TiledGemm:
         return N, rows
 
     def _check_act_scale(self, act_scale) -> float:
-        sx = float(act_scale)
+        try:
+            sx = float(act_scale)
+        except (TypeError, ValueError):
+            sx = float("nan")
         if not (np.isfinite(sx) and sx > 0):
             raise ValueError(f"activation scale must be finite and > 0, got {act_scale!r}")
         return sx
