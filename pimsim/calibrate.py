@@ -54,13 +54,9 @@ def record_float_outputs(net: Network, images: torch.Tensor, names) -> dict:
     try:
         for l in net.layers:
             l.mode = "float"
-            if l.name in names:
-                l.hook = hook
-        with torch.no_grad():
-            net(images)
+        net.run_with_hooks(images, {n: hook for n in names})
     finally:
         for l in net.layers:
-            l.hook = None
             l.mode = saved[l.name]
     return outs
 
@@ -104,14 +100,9 @@ def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int
         bar.update(1)
         return None
 
-    for l in todo:
-        l.hook = hook
     try:
-        with torch.no_grad():
-            net(images)
+        net.run_with_hooks(images, {l.name: hook for l in todo})
     finally:
-        for l in net.layers:
-            l.hook = None
         bar.close()
     missed = [l.name for l in todo if l.quant is None]
     if missed:

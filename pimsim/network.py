@@ -272,6 +272,19 @@ class Network(nn.Module):
     def forward(self, x):
         return self.gm(x)
 
+    def run_with_hooks(self, x: torch.Tensor, hooks: dict) -> torch.Tensor:
+        """Forward ``x`` without gradients with ``hooks[name]`` set on those layers (see
+        ``GemmLayer.hook``); every hook is removed afterwards, also on error."""
+        try:
+            for l in self.layers:
+                if l.name in hooks:
+                    l.hook = hooks[l.name]
+            with torch.no_grad():
+                return self(x)
+        finally:
+            for l in self.layers:
+                l.hook = None
+
     def layer(self, name: str) -> GemmLayer:
         for l in self.layers:
             if l.name == name:
