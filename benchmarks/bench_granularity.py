@@ -152,11 +152,13 @@ def main(argv=None) -> int:
                     choices=["extremes", "method1", "method2"])
     ap.add_argument("--limit", type=int, default=None, help="first N test images only")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch/Numba threads (default 0 = all cores; 1 on a shared machine)")
     args = ap.parse_args(argv)
 
     cfg = validate({"model": {"name": args.model},
                     "quant": {"weight_bits": args.wbits, "act_bits": args.abits}})
-    set_threads(0)
+    set_threads(args.threads)
     prep = prepare(cfg)
     images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
     calib = to_tensor(calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)[0])
