@@ -490,7 +490,7 @@ def find_segments(net: Network, groups: list[PermGroup] | None = None) -> list[S
             block[node.target] = n_adds
         is_add = ((node.op == "call_function" and node.target in _ADD_FUNCS)
                   or (node.op == "call_method" and node.target in ("add", "add_")))
-        if is_add and len(_tensor_args(node)) >= 2:
+        if is_add and sum(isinstance(a, fx.Node) for a in node.args) >= 2:
             n_adds += 1
     pos = {l.name: i for i, l in enumerate(net.layers)}
     segs: dict = {}
