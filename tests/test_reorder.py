@@ -431,3 +431,43 @@ def test_real_resnet20_joint_orders_preserve_function():
         y1 = net(x)
     assert rel_diff(y1, y0) <= 1e-5
     assert torch.equal(y1.argmax(1), y0.argmax(1))
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason=f"needs {CKPT} and CIFAR-10 under {DATA}")
+def test_pimsim_run_evolution_writes_orders_and_runs_kernel_without_gather(tmp_path, capsys):
+    import json
+
+    import numba
+
+    from pimsim.cli import main
+    from pimsim.config import load
+    from pimsim.simulate import prepare, quantize_network, reorder_network
+    t_torch, t_numba = torch.get_num_threads(), numba.get_num_threads()
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("quant: {tile: [4, null], splits: 4, calib_images: 16, "
+                    "search: {candidates: 10, rounds: 1}}\n"
+                    "reorder: {method: evolution, population: 4, generations: 1, seed: 7}\n"
+                    "eval: {threads: 1}\n")
+    out = tmp_path / "r.json"
+    try:
+        assert main(["run", str(yaml), "--limit", "40", "--out", str(out), "-q"]) == 0
+    finally:
+        torch.set_num_threads(t_torch)
+        numba.set_num_threads(t_numba)
+    assert "reorder evolution: 9 free channel group(s)" in capsys.readouterr().out
+    ro = json.loads(out.read_text())["reorder"]
+    assert ro["method"] == "evolution" and len(ro["orders"]) == 9
+    assert sorted(ro["orders"]["layer3.2.conv1"]) == list(range(64))
+    assert all(any("pad()" in r for r in why) for g, why in ro["frozen_groups"].items()
+               if g in ("conv1", "layer2.0.conv2", "layer3.0.conv2"))
+    assert len(ro["segments"]) == 9 and ro["search_s"] > 0
+    # the same orders again through the library: plain weights, no gather, exact kernel
+    cfg = load(yaml, ["reorder.method=random"])
+    prep = prepare(cfg)
+    info = reorder_network(prep, progress=False)
+    assert info["method"] == "random" and len(info["orders"]) == 9
+    quantize_network(prep, progress=False)
+    assert not any(isinstance(m, R.ChannelGather) for m in prep.net.modules())
+    prep.net.set_mode("kernel")
+    with torch.no_grad():
+        assert torch.isfinite(prep.net(images(2, 32))).all()
