@@ -25,6 +25,12 @@ def _cmd_run(args) -> int:
     for l in res["layers"]:
         print(f"{l['name']:<20}{l['O']:>6}{l['K']:>6}{'%dx%d' % tuple(l['tile']):>12}{l['scales']:>8}")
     print(f"float layers: {', '.join(res['float_layers']) or '-'}")
+    if res.get("reorder"):
+        ro = res["reorder"]
+        print(f"reorder {ro['method']}: {len(ro['orders'])} free channel group(s) reordered "
+              f"jointly, {len(ro['frozen_groups'])} frozen (search {ro['search_s']:.1f}s)")
+        for g, p in ro["orders"].items():
+            print(f"  {g:<20} {' '.join(map(str, p))}")
     print(f"images {res['images']}  float top-1 {100 * res['fp_top1']:.2f}%  "
           f"quantized top-1 {100 * res['top1']:.2f}%  "
           f"(calibration {res['calibration_s']:.1f}s, eval {res['eval_s']:.1f}s)")

@@ -21,6 +21,11 @@ Schema (defaults in brackets; see README for the full table):
     eval.backend        kernel (tiled-integer Numba kernel) | fake       [kernel]
     eval.limit          evaluate the first N test images, or null = all  [null]
     eval.threads        threads for torch and Numba, 0 = all cores       [0]
+    reorder.method      none | random (one seeded joint order) | evolution [none]
+    reorder.population  orders per generation of the evolutionary search [20]
+    reorder.generations generations per segment                         [30]
+    reorder.swaps       random channel transpositions per mutation      [2]
+    reorder.seed        seed of the random orders and of the search     [0]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .quant import Granularity, MAX_BITS, MIN_BITS
 
 CALIBRATIONS = ("max", "mse", "ptqsl")
 BACKENDS = ("kernel", "fake")
+REORDER_METHODS = ("none", "random", "evolution")
 
 
 class ConfigError(ValueError):
@@ -145,6 +151,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "kernel: tiled-integer Numba kernel (exact); fake: dequantized torch conv"),
         "limit": Key(None, _optional(_int_in(1)), "evaluate only the first N test images"),
         "threads": Key(0, _int_in(0), "threads for torch and Numba (0 = all cores)"),
+    },
+    "reorder": {
+        "method": Key("none", _one_of(REORDER_METHODS),
+                      "channel reordering: none, random (one seeded random joint order) or "
+                      "evolution (evolutionary search per segment)"),
+        "population": Key(20, _int_in(2, 10000), "orders per generation of the search"),
+        "generations": Key(30, _int_in(0, 100000), "generations per segment"),
+        "swaps": Key(2, _int_in(1, 10000), "random channel transpositions per mutation"),
+        "seed": Key(0, _int_in(0), "seed of the random orders and of the search"),
     },
 }
 

@@ -64,6 +64,34 @@ def quantize_network(prep: Prepared, progress: bool = True) -> dict:
                      float_layers=cfg["quant.float_layers"], progress=progress, params=params)
 
 
+def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
+    """Channel reordering as ``reorder.method`` says, on the float network before calibration:
+    ``random`` applies one seeded random joint order to every free permutation group;
+    ``evolution`` runs the evolutionary search (``pimsim.reorder.evolve``), which calibrates
+    segment by segment. Returns the ``"reorder"`` entry of the result (None for ``none``)."""
+    from .reorder import Reorderer, evolve
+    cfg = prep.cfg
+    method = cfg["reorder.method"]
+    if method == "none":
+        return None
+    t0 = time.perf_counter()
+    ro = Reorderer(prep.net)
+    if method == "random":
+        ro.set_orders(ro.random_orders(np.random.default_rng(cfg["reorder.seed"])))
+        info = {"method": "random", "orders": ro.orders_json(), "seed": cfg["reorder.seed"]}
+    else:
+        calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)
+        info = evolve(prep.net, to_tensor(calib), cfg.granularity, cfg["quant.weight_bits"],
+                      cfg["quant.act_bits"], method=cfg["quant.calibration"],
+                      params={**cfg["quant.search"], "metric": cfg["quant.metric"]},
+                      float_layers=cfg["quant.float_layers"], population=cfg["reorder.population"],
+                      generations=cfg["reorder.generations"], swaps=cfg["reorder.swaps"],
+                      seed=cfg["reorder.seed"], progress=progress, reorderer=ro)
+    info["frozen_groups"] = {g.name: g.frozen for g in ro.groups if not g.free}
+    info["search_s"] = time.perf_counter() - t0
+    return info
+
+
 def layer_table(net: Network) -> list[dict]:
     """One entry per quantized layer: name, O, K, tile (r, c) and number of scales."""
     keys = ("err_max", "err", "rounds", "fallback")
@@ -84,6 +112,7 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
     t0 = time.perf_counter()
     fp_top1, _ = evaluate(net, images, labels, bs, progress, desc="float")
     fp_s = time.perf_counter() - t0
+    reorder = reorder_network(prep, progress)      # joint orders: weights permuted, no gather
     info = quantize_network(prep, progress)
     net.set_mode(cfg["eval.backend"])
     t0 = time.perf_counter()
@@ -105,4 +134,5 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
         "pimsim": __version__,
         "config": resolved,
         "layers": layer_table(net),
+        "reorder": reorder,
     }
