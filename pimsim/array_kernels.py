@@ -90,75 +90,84 @@ def pack_weights(wq, w_bits: int, signed: str, seg_bounds, words: int) -> np.nda
 def pack_inputs(x, seg_bounds, a_bits, passes, words, out):
     """Input magnitude bit-planes of the rows of ``x`` (nb x K, integer values) into ``out``
     uint64 (nb, passes, S, a_bits - 1, words): pass 0 packs ``max(x, 0)``, pass 1 (when
-    ``passes == 2``) ``max(-x, 0)``. Returns the number of values outside the symmetric range
-    ``[-(2^(a-1)-1), 2^(a-1)-1]`` (they are not packed correctly: the caller raises)."""
+    ``passes == 2``) ``max(-x, 0)``; bit kk of word w of segment s is input k0_s + 64 w + kk.
+    Returns the number of values outside the symmetric range ``[-(2^(a-1)-1), 2^(a-1)-1]``
+    (or negative with ``passes == 1``): they are not packed correctly, the caller raises."""
     nb, K = x.shape
     S = seg_bounds.shape[0] - 1
     na = a_bits - 1
     hi = (1 << na) - 1
+    lo = -hi if passes == 2 else 0
     bad = np.zeros(nb, dtype=np.int64)
     for n in prange(nb):
-        for p in range(passes):
-            for s in range(S):
-                for b in range(na):
-                    for w in range(words):
-                        out[n, p, s, b, w] = 0
+        buf = np.zeros(64, dtype=np.int64)
+        nbad = 0
+        for k in range(K):
+            v = np.int64(x[n, k])
+            nbad += (v > hi) | (v < lo)
+        bad[n] = nbad
         for s in range(S):
-            k0 = seg_bounds[s]
-            for k in range(k0, seg_bounds[s + 1]):
-                v = np.int64(x[n, k])
-                if v > hi or v < -hi:
-                    bad[n] += 1
-                    continue
-                p = 0
-                if v < 0:
-                    if passes < 2:
-                        bad[n] += 1
-                        continue
-                    p = 1
-                    v = -v
-                kk = k - k0
-                wd = kk // 64
-                bit = np.uint64(1) << np.uint64(kk % 64)
-                b = 0
-                while v:
-                    if v & 1:
-                        out[n, p, s, b, wd] |= bit
-                    v >>= 1
-                    b += 1
+            k0, k1 = seg_bounds[s], seg_bounds[s + 1]
+            for w in range(words):
+                a = k0 + 64 * w
+                m = min(64, k1 - a)
+                for p in range(passes):
+                    sg = 1 if p == 0 else -1
+                    for kk in range(64):
+                        buf[kk] = max(sg * np.int64(x[n, a + kk]), 0) if kk < m else 0
+                    for b in range(na):
+                        acc = np.uint64(0)
+                        for kk in range(64):
+                            acc |= np.uint64((buf[kk] >> b) & 1) << np.uint64(kk)
+                        out[n, p, s, b, w] = acc
     return bad.sum()
 
 
 @njit(parallel=True, cache=True)
-def array_psums(xb, wb, seg_col, col_set, col_t, col_b0, col_nb, col_sign, n_sets, mag_bits,
-                cell_bits, dac_bits, col_arr, aps, ref_vals, lut, thr, step, record, P, clip,
-                seen):
+def array_psums(xb, wb, seg_col, col_set, col_t, col_b0, col_nb, col_sign, mag_bits,
+                cell_bits, dac_bits, col_arr, aps, ref_vals, adc_levels, thr, step, record, P,
+                clip, seen):
     """Tile partial sums of a chunk of input vectors on the arrays (see module docstring).
 
-    xb: (nb, passes, S, na, words) input planes; wb: (S, O, n_sets*mag_bits, words) weight
-    planes; seg_col[s]: column block j of segment s (segments in K order); col_*: the column
-    table (``column_table``); col_arr (O, Q): array (within a segment) of each weight column;
-    aps: arrays per segment; ref_vals (R,): reference column values per slice (offset, else
-    empty); lut (G, vmax+1) int64 levels, thr (G,) largest unclipped sum, step (G,) float64 per
-    global array g = s * aps + a. ``record``: also track the largest column sum per array in
-    ``seen`` (nb, G). Writes P (J, nb, O) float64 (zeroed here) and clip (nb,) counts.
+    xb: (nb, passes, S, na, words) input planes; wb: (S, n_sets*mag_bits, words, O) weight
+    planes (``pack_weights(...).transpose(0, 2, 3, 1)``, O innermost so that the popcounts
+    vectorize over output rows); seg_col[s]: column block j of segment s (segments in K order);
+    col_*: the column table (``column_table``); col_arr (Q, O): array (within a segment) of each
+    weight column; aps: arrays per segment; ref_vals (R,): reference column values per slice
+    (offset; else empty); adc_levels: 2^adc_bits - 1, or 0 for an ideal ADC; thr (G,) largest
+    unclipped column sum and step (G,) float64 per global array g = s * aps + a; ``record``:
+    track the largest column sum per array in ``seen`` (nb, G). Writes P (J, nb, O) float64 and
+    clip (nb,) counts. ADC: ``level = min(rint(v / step), adc_levels)``, clipped if v > thr.
     """
     nb, passes, S, na, words = xb.shape
-    O, Q = col_arr.shape
+    Q, O = col_arr.shape
+    NP = wb.shape[1]
     R = ref_vals.shape[0]
     J = P.shape[0]
     cycles = (na + dac_bits - 1) // dac_bits
+    ideal = adc_levels == 0
     for n in prange(nb):
         for j in range(J):
             for o in range(O):
                 P[j, n, o] = 0.0
-        clip[n] = 0
-        L = np.zeros((passes, O, Q), dtype=np.int64)
-        Lref = np.zeros((passes, aps, R), dtype=np.int64)
+        nclip = 0
+        L = np.zeros((passes, Q, O), dtype=np.int64)
+        Lref = np.zeros((passes, aps, R + 1), dtype=np.int64)
+        acc = np.zeros((NP, O), dtype=np.int64)
+        v = np.zeros(O, dtype=np.int64)
+        val = np.zeros(O, dtype=np.float64)
+        vseg = np.zeros(O, dtype=np.float64)
+        stq = np.zeros((Q, O), dtype=np.float64)
+        thq = np.zeros((Q, O), dtype=np.int64)
         for s in range(S):
             L[:] = 0
             Lref[:] = 0
             g0 = s * aps
+            for q in range(Q):
+                for o in range(O):
+                    g = g0 + col_arr[q, o]
+                    stq[q, o] = step[g]
+                    thq[q, o] = thr[g]
             for p in range(passes):
                 for c in range(cycles):
                     d0 = c * dac_bits
@@ -171,59 +180,74 @@ def array_psums(xb, wb, seg_col, col_set, col_t, col_b0, col_nb, col_sign, n_set
                     if not nz:
                         continue                   # all column sums 0 -> level 0, no clip
                     sh = c * dac_bits
-                    if R > 0:                      # reference columns: value * active inputs
-                        act = np.int64(0)
-                        for d in range(d0, d1):
-                            cnt = np.int64(0)
-                            for w in range(words):
-                                cnt += np.int64(popcount64(xb[n, p, s, d, w]))
-                            act += cnt << (d - d0)
-                        for a in range(aps):
-                            g = g0 + a
-                            for t in range(R):
-                                v = ref_vals[t] * act
-                                if record and v > seen[n, g]:
-                                    seen[n, g] = v
-                                if v > thr[g]:
-                                    clip[n] += 1
-                                Lref[p, a, t] += lut[g, v] << sh
+                    acc[:] = 0
+                    act = np.int64(0)
+                    for d in range(d0, d1):
+                        for w in range(words):
+                            xv = xb[n, p, s, d, w]
+                            if xv == 0:
+                                continue
+                            act += np.int64(popcount64(xv)) << (d - d0)
+                            for pl in range(NP):
+                                for o in range(O):
+                                    acc[pl, o] += np.int64(popcount64(xv & wb[s, pl, w, o])) << (d - d0)
+                    for q in range(Q):
+                        base = col_set[q] * mag_bits + col_b0[q]
+                        for o in range(O):
+                            v[o] = acc[base, o]
+                        for b in range(1, col_nb[q]):
+                            for o in range(O):
+                                v[o] += acc[base + b, o] << b
+                        if record:
+                            for o in range(O):
+                                g = g0 + col_arr[q, o]
+                                if v[o] > seen[n, g]:
+                                    seen[n, g] = v[o]
+                        if ideal:
+                            for o in range(O):
+                                L[p, q, o] += v[o] << sh
+                        else:
+                            for o in range(O):
+                                lev = min(np.rint(np.float64(v[o]) / stq[q, o]),
+                                          np.float64(adc_levels))
+                                nclip += v[o] > thq[q, o]
+                                L[p, q, o] += np.int64(lev) << sh
+                    for a in range(aps):           # reference columns: value x active inputs
+                        g = g0 + a
+                        for t in range(R):
+                            vr = ref_vals[t] * act
+                            if record and vr > seen[n, g]:
+                                seen[n, g] = vr
+                            if ideal:
+                                Lref[p, a, t] += vr << sh
+                            else:
+                                lev = min(np.rint(np.float64(vr) / step[g]),
+                                          np.float64(adc_levels))
+                                nclip += vr > thr[g]
+                                Lref[p, a, t] += np.int64(lev) << sh
+            for p in range(passes):
+                for o in range(O):
+                    val[o] = 0.0
+                for q in range(Q):
+                    f = np.float64(1 << (cell_bits * col_t[q]))
                     for o in range(O):
-                        for q in range(Q):
-                            base = col_set[q] * mag_bits + col_b0[q]
-                            v = np.int64(0)
-                            for d in range(d0, d1):
-                                for b in range(col_nb[q]):
-                                    cnt = np.int64(0)
-                                    for w in range(words):
-                                        cnt += np.int64(popcount64(xb[n, p, s, d, w]
-                                                                   & wb[s, o, base + b, w]))
-                                    v += cnt << (d - d0 + b)
-                            g = g0 + col_arr[o, q]
-                            if record and v > seen[n, g]:
-                                seen[n, g] = v
-                            if v > thr[g]:
-                                clip[n] += 1
-                            L[p, o, q] += lut[g, v] << sh
+                        lv = L[p, q, o]
+                        if R > 0:
+                            lv -= Lref[p, col_arr[q, o], col_t[q]]
+                        term = f * (stq[q, o] * np.float64(lv))
+                        if col_sign[q] > 0:
+                            val[o] = val[o] + term
+                        else:
+                            val[o] = val[o] - term
+                for o in range(O):
+                    if p == 0:
+                        vseg[o] = val[o]
+                    else:
+                        vseg[o] = vseg[o] - val[o]
             j = seg_col[s]
             for o in range(O):
-                vseg = 0.0
-                for p in range(passes):
-                    val = 0.0
-                    for q in range(Q):
-                        g = g0 + col_arr[o, q]
-                        lv = L[p, o, q]
-                        if R > 0:
-                            lv -= Lref[p, col_arr[o, q], col_t[q]]
-                        term = np.float64(1 << (cell_bits * col_t[q])) * (step[g] * np.float64(lv))
-                        if col_sign[q] > 0:
-                            val = val + term
-                        else:
-                            val = val - term
-                    if p == 0:
-                        vseg = val
-                    else:
-                        vseg = vseg - val
-                P[j, n, o] = P[j, n, o] + vseg
+                P[j, n, o] = P[j, n, o] + vseg[o]
+        clip[n] = nclip
 
 
 # --------------------------------------------------------------------------------------------

@@ -373,32 +373,27 @@ class Mapping:
 # --------------------------------------------------------------------------------------------
 
 def adc_tables(crossbar: Crossbar, lm: LayerMapping, ranges=None, ideal: bool = False):
-    """``(lut (G, vmax+1) int64, thr (G,) int64, step (G,) float64, ranges (G,))`` of the
-    layer's G arrays: level of every possible column sum, largest unclipped sum, digital value
-    of one level. ``ranges``: per-array ADC ranges (else from the policy: ``full`` or the
-    number; ``calibrated`` needs them). ``ideal`` (or ``adc_bits == 0``): the identity."""
+    """``(thr (G,) int64, step (G,) float64, ranges (G,) float64)`` of the layer's G arrays
+    (g = segment * arrays_per_segment + array): the largest unclipped column sum, the digital
+    value of one ADC level (``range / (2^adc_bits - 1)``) and the range. ``ranges``: per-array
+    ADC ranges (else from the policy: ``full`` or the number; ``calibrated`` needs them).
+    ``ideal`` (or ``adc_bits == 0``): step 1, nothing clips."""
     aps, S = lm.arrays_per_segment, lm.segments
     G = S * aps
     seg_rows = np.diff(np.asarray(lm.seg_bounds, dtype=np.int64))
     full = np.repeat([crossbar.full_range(r) for r in seg_rows], aps).astype(np.float64)
-    vmax = int(full.max())
-    v = np.arange(vmax + 1, dtype=np.int64)
     if ideal or crossbar.adc_bits == 0:
-        return (np.broadcast_to(v, (G, vmax + 1)).copy(), np.full(G, np.iinfo(np.int64).max),
-                np.ones(G), full)
+        return np.full(G, np.iinfo(np.int64).max), np.ones(G), full
     if ranges is None:
         if crossbar.adc_range == "calibrated":
             raise ValueError(f"layer {lm.name}: adc_range calibrated needs the ranges fitted on "
-                             "the calibration batch (CrossbarGemm.fit_ranges)")
+                             "the calibration batch (CrossbarGemm.start_fit / finish_fit)")
         ranges = full if crossbar.adc_range == "full" else np.full(G, float(crossbar.adc_range))
     ranges = np.asarray(ranges, dtype=np.float64)
     if ranges.shape != (G,) or not (np.isfinite(ranges).all() and (ranges > 0).all()):
         raise ValueError(f"layer {lm.name}: ADC ranges must be {G} positive numbers")
-    levels = (1 << crossbar.adc_bits) - 1
-    step = ranges / levels
-    lut = np.minimum(np.rint(v[None, :] / step[:, None]), levels).astype(np.int64)
-    thr = np.floor(ranges).astype(np.int64)
-    return lut, thr, step, ranges
+    step = ranges / ((1 << crossbar.adc_bits) - 1)
+    return np.floor(ranges).astype(np.int64), step, ranges
 
 
 class CrossbarGemm:
@@ -435,8 +430,9 @@ class CrossbarGemm:
         self.words = -(-crossbar.rows // 64)
         (self.col_set, self.col_t, self.col_b0, self.col_nb, self.col_sign, self.n_sets,
          self.mag_bits) = ak.column_table(self.w_bits, crossbar.cell_bits, crossbar.signed)
-        self.wb = ak.pack_weights(wq, self.w_bits, crossbar.signed, lm.seg_bounds, self.words)
-        self.col_arr = np.ascontiguousarray(lm.column_arrays(crossbar))
+        self.wb = np.ascontiguousarray(ak.pack_weights(
+            wq, self.w_bits, crossbar.signed, lm.seg_bounds, self.words).transpose(0, 2, 3, 1))
+        self.col_arr = np.ascontiguousarray(lm.column_arrays(crossbar).T)      # (Q, O)
         off = (1 << (self.w_bits - 1)) - 1
         mask = (1 << crossbar.cell_bits) - 1
         self.ref_vals = np.array([(off >> (t * crossbar.cell_bits)) & mask
@@ -452,9 +448,9 @@ class CrossbarGemm:
     def _set_tables(self):
         ideal = self.recording or self.crossbar.adc_bits == 0
         if not ideal and self.crossbar.adc_range == "calibrated" and self.ranges is None:
-            self.lut = None                  # until fitted
+            self.thr = None                  # until fitted
             return
-        self.lut, self.thr, self.step, self.range_used = adc_tables(
+        self.thr, self.step, self.range_used = adc_tables(
             self.crossbar, self.lm, self.ranges, ideal)
 
     def set_ranges(self, ranges) -> None:
@@ -492,7 +488,7 @@ class CrossbarGemm:
     def _psums(self, x: np.ndarray, passes: int) -> np.ndarray:
         """Partial sums P (J, nb, O) float64 of the input rows ``x`` (nb x K) on the arrays."""
         from . import array_kernels as ak
-        if self.lut is None:
+        if self.thr is None:
             raise ValueError(f"layer {self.name}: adc_range calibrated: fit the ranges first "
                              "(start_fit / finish_fit on the calibration batch)")
         nb = x.shape[0]
@@ -506,11 +502,11 @@ class CrossbarGemm:
         clip = np.empty(nb, dtype=np.int64)
         rec = self.recording
         seen = np.zeros((nb if rec else 1, self.n_arrays), dtype=np.int64)
+        levels = 0 if self.ideal else (1 << self.crossbar.adc_bits) - 1
         ak.array_psums(xb, self.wb, self.seg_col, self.col_set, self.col_t, self.col_b0,
-                       self.col_nb, self.col_sign, self.n_sets, self.mag_bits,
-                       self.crossbar.cell_bits, self.crossbar.dac_bits, self.col_arr,
-                       self.lm.arrays_per_segment, self.ref_vals, self.lut, self.thr, self.step,
-                       rec, P, clip, seen)
+                       self.col_nb, self.col_sign, self.mag_bits, self.crossbar.cell_bits,
+                       self.crossbar.dac_bits, self.col_arr, self.lm.arrays_per_segment,
+                       self.ref_vals, levels, self.thr, self.step, rec, P, clip, seen)
         if rec:
             np.maximum(self.seen, seen.max(0), out=self.seen)
         self.clipped += int(clip.sum())
@@ -562,3 +558,59 @@ class CrossbarGemm:
             return r.numpy() if hasattr(r, "numpy") else r
         y = np.empty((N, self.grid.O), dtype=np.float32)
         return self._run(N, rows_np, passes, sx, b, y)
+
+
+# --------------------------------------------------------------------------------------------
+# A network on crossbars
+# --------------------------------------------------------------------------------------------
+
+def attach(net, crossbar: Crossbar, granularity: Granularity | None = None,
+           strict: bool = True) -> Mapping:
+    """Put the quantized layers of ``net`` (a calibrated ``pimsim.network.Network``) on arrays:
+    their weights become symmetric (a weight at ``-2^(b-1)`` is stored as ``-(2^(b-1)-1)``, as
+    the arrays cannot hold it; inputs are clamped the same way), the ``Mapping`` is built and
+    every layer gets its ``CrossbarGemm`` (mode ``crossbar``). Returns the mapping."""
+    import dataclasses
+    for l in net.quantized_layers:
+        if not l.quant.symmetric:
+            mode = l.mode
+            l.set_quant(dataclasses.replace(l.quant, symmetric=True))
+            l.mode = mode
+    mapping = Mapping.from_network(net, crossbar, strict=strict, granularity=granularity)
+    for l in net.quantized_layers:
+        l.set_crossbar(crossbar, mapping.layer(l.name))
+    return mapping
+
+
+def fit_adc_ranges(net, images, batch_size: int = 500) -> dict:
+    """The ``calibrated`` ADC range: run ``images`` (normalized tensor) through ``net`` with
+    every quantized layer in mode ``crossbar`` and an ideal ADC, record the largest column sum
+    per array, and make it that array's range. Returns ``{layer: ranges}``."""
+    import torch
+    layers = [l for l in net.quantized_layers if l.xbar is not None]
+    saved = {l.name: l.mode for l in net.layers}
+    try:
+        for l in layers:
+            l.mode = "crossbar"
+            l.xbar.start_fit()
+        with torch.no_grad():
+            for s in range(0, len(images), batch_size):
+                net(images[s:s + batch_size])
+        return {l.name: l.xbar.finish_fit().tolist() for l in layers}
+    finally:
+        for l in net.layers:
+            l.mode = saved[l.name]
+        for l in layers:
+            l.xbar.recording = False
+
+
+def reset_adc_stats(net) -> None:
+    for l in net.quantized_layers:
+        if l.xbar is not None:
+            l.xbar.reset_stats()
+
+
+def adc_stats(net) -> dict:
+    """``{layer: (clipped, conversions)}`` counted since the last ``reset_adc_stats``."""
+    return {l.name: (l.xbar.clipped, l.xbar.conversions) for l in net.quantized_layers
+            if l.xbar is not None}
