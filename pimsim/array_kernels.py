@@ -14,7 +14,7 @@ The semantics (slicing, bit-serial inputs, ADC, shift-add) are documented in
 Column sums are small integers (at most rows * (2^cell_bits-1) * (2^dac_bits-1)), so an ADC
 is a table ``lut[array, v]`` of levels plus a clip threshold ``thr[array]`` (largest unclipped
 v) and a step (digital value of one level). An input cycle whose bit-planes are all zero on a
-segment is skipped: all its column sums are 0, converted to level 0, never clipped.
+word (64 word lines) whose input bits are all zero is skipped: it adds 0 to every column sum.
 """
 
 from __future__ import annotations
@@ -123,131 +123,142 @@ def pack_inputs(x, seg_bounds, a_bits, passes, words, out):
     return bad.sum()
 
 
+def kernel_weights(packed: np.ndarray, col_set, col_b0, col_nb, mag_bits: int,
+                   cell_bits: int) -> np.ndarray:
+    """Rearrange ``pack_weights`` output (S, O, planes, words) for ``array_psums``: uint64
+    (S, words, cell_bits, Q * O), entry [s, w, b, q * O + o] = word w of bit b of the slice of
+    column q of output o (zero when the slice has fewer than b + 1 bits)."""
+    S, O, _, words = packed.shape
+    Q = len(col_set)
+    out = np.zeros((S, words, cell_bits, Q * O), dtype=np.uint64)
+    for q in range(Q):
+        for b in range(col_nb[q]):
+            plane = col_set[q] * mag_bits + col_b0[q] + b
+            out[:, :, b, q * O:(q + 1) * O] = packed[:, :, plane, :].transpose(0, 2, 1)
+    return out
+
+
+_BLOCK = 16          # input vectors per parallel task (work buffers allocated once per task)
+
+
 @njit(parallel=True, cache=True)
-def array_psums(xb, wb, seg_col, col_set, col_t, col_b0, col_nb, col_sign, mag_bits,
-                cell_bits, dac_bits, col_arr, aps, ref_vals, adc_levels, thr, step, record, P,
-                clip, seen):
+def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, aps, ref_vals,
+                adc_levels, thr, step, record, P, clip, seen):
     """Tile partial sums of a chunk of input vectors on the arrays (see module docstring).
 
-    xb: (nb, passes, S, na, words) input planes; wb: (S, n_sets*mag_bits, words, O) weight
-    planes (``pack_weights(...).transpose(0, 2, 3, 1)``, O innermost so that the popcounts
-    vectorize over output rows); seg_col[s]: column block j of segment s (segments in K order);
-    col_*: the column table (``column_table``); col_arr (Q, O): array (within a segment) of each
-    weight column; aps: arrays per segment; ref_vals (R,): reference column values per slice
-    (offset; else empty); adc_levels: 2^adc_bits - 1, or 0 for an ideal ADC; thr (G,) largest
-    unclipped column sum and step (G,) float64 per global array g = s * aps + a; ``record``:
-    track the largest column sum per array in ``seen`` (nb, G). Writes P (J, nb, O) float64 and
-    clip (nb,) counts. ADC: ``level = min(rint(v / step), adc_levels)``, clipped if v > thr.
+    xb: (nb, passes, S, na, words) input planes (``pack_inputs``); wk: (S, words, cell_bits,
+    Q*O) weight planes (``kernel_weights``: flat over columns and outputs so that the popcounts
+    vectorize); seg_col[s]: column block j of segment s (segments in K order); col_t, col_sign:
+    slice and sign (+1/-1) of each weight column q (``column_table``); col_arr (Q, O): array
+    (within a segment) holding column q of output o; aps: arrays per segment; ref_vals (R,):
+    reference column value per slice (offset; else empty); adc_levels: 2^adc_bits - 1, or 0 for
+    an ideal ADC; thr (G,): largest unclipped column sum and step (G,): value of one level, per
+    global array g = s * aps + a; ``record``: track the largest column sum per array in ``seen``
+    (nb, G). Writes P (J, nb, O) float64 and clip (nb,) counts.
+    ADC: ``level = min(rint(v / step), adc_levels)``, clipped when v > thr.
     """
     nb, passes, S, na, words = xb.shape
+    CB, QO = wk.shape[2], wk.shape[3]
     Q, O = col_arr.shape
-    NP = wb.shape[1]
     R = ref_vals.shape[0]
     J = P.shape[0]
-    cycles = (na + dac_bits - 1) // dac_bits
+    C = (na + dac_bits - 1) // dac_bits
     ideal = adc_levels == 0
-    for n in prange(nb):
-        for j in range(J):
-            for o in range(O):
-                P[j, n, o] = 0.0
-        nclip = 0
-        L = np.zeros((passes, Q, O), dtype=np.int64)
+    flevels = np.float64(adc_levels)
+    nblk = (nb + _BLOCK - 1) // _BLOCK
+    for blk in prange(nblk):
+        L = np.zeros((passes, QO), dtype=np.int64)
         Lref = np.zeros((passes, aps, R + 1), dtype=np.int64)
-        acc = np.zeros((NP, O), dtype=np.int64)
-        v = np.zeros(O, dtype=np.int64)
+        v = np.zeros((C, QO), dtype=np.int64)        # column sums of every cycle
+        act = np.zeros(C, dtype=np.int64)            # active-input count (x bit weight)
         val = np.zeros(O, dtype=np.float64)
         vseg = np.zeros(O, dtype=np.float64)
-        stq = np.zeros((Q, O), dtype=np.float64)
-        thq = np.zeros((Q, O), dtype=np.int64)
-        for s in range(S):
-            L[:] = 0
-            Lref[:] = 0
-            g0 = s * aps
-            for q in range(Q):
+        stq = np.zeros(QO, dtype=np.float64)
+        thq = np.zeros(QO, dtype=np.int64)
+        garr = np.zeros(QO, dtype=np.int64)
+        for n in range(blk * _BLOCK, min(nb, (blk + 1) * _BLOCK)):
+            for j in range(J):
                 for o in range(O):
-                    g = g0 + col_arr[q, o]
-                    stq[q, o] = step[g]
-                    thq[q, o] = thr[g]
-            for p in range(passes):
-                for c in range(cycles):
-                    d0 = c * dac_bits
-                    d1 = min(na, d0 + dac_bits)
-                    nz = False
-                    for d in range(d0, d1):
-                        for w in range(words):
-                            if xb[n, p, s, d, w] != 0:
-                                nz = True
-                    if not nz:
-                        continue                   # all column sums 0 -> level 0, no clip
-                    sh = c * dac_bits
-                    acc[:] = 0
-                    act = np.int64(0)
-                    for d in range(d0, d1):
+                    P[j, n, o] = 0.0
+            nclip = 0
+            for s in range(S):
+                g0 = s * aps
+                for q in range(Q):
+                    for o in range(O):
+                        g = g0 + col_arr[q, o]
+                        garr[q * O + o] = g
+                        stq[q * O + o] = step[g]
+                        thq[q * O + o] = thr[g]
+                for p in range(passes):
+                    for c in range(C):
+                        act[c] = 0
+                        for i in range(QO):
+                            v[c, i] = 0
+                    for d in range(na):
+                        c = d // dac_bits
+                        sd = d - c * dac_bits
                         for w in range(words):
                             xv = xb[n, p, s, d, w]
                             if xv == 0:
-                                continue
-                            act += np.int64(popcount64(xv)) << (d - d0)
-                            for pl in range(NP):
-                                for o in range(O):
-                                    acc[pl, o] += np.int64(popcount64(xv & wb[s, pl, w, o])) << (d - d0)
-                    for q in range(Q):
-                        base = col_set[q] * mag_bits + col_b0[q]
-                        for o in range(O):
-                            v[o] = acc[base, o]
-                        for b in range(1, col_nb[q]):
-                            for o in range(O):
-                                v[o] += acc[base + b, o] << b
+                                continue           # no active input: adds 0 to every sum
+                            act[c] += np.int64(popcount64(xv)) << sd
+                            for b in range(CB):
+                                for i in range(QO):
+                                    v[c, i] += np.int64(popcount64(xv & wk[s, w, b, i])) << (sd + b)
+                    for i in range(QO):
+                        L[p, i] = 0
+                    for c in range(C):
+                        sh = c * dac_bits
                         if record:
-                            for o in range(O):
-                                g = g0 + col_arr[q, o]
-                                if v[o] > seen[n, g]:
-                                    seen[n, g] = v[o]
+                            for i in range(QO):
+                                if v[c, i] > seen[n, garr[i]]:
+                                    seen[n, garr[i]] = v[c, i]
                         if ideal:
-                            for o in range(O):
-                                L[p, q, o] += v[o] << sh
+                            for i in range(QO):
+                                L[p, i] += v[c, i] << sh
                         else:
-                            for o in range(O):
-                                lev = min(np.rint(np.float64(v[o]) / stq[q, o]),
-                                          np.float64(adc_levels))
-                                nclip += v[o] > thq[q, o]
-                                L[p, q, o] += np.int64(lev) << sh
+                            for i in range(QO):
+                                lev = min(np.rint(np.float64(v[c, i]) / stq[i]), flevels)
+                                nclip += v[c, i] > thq[i]
+                                L[p, i] += np.int64(lev) << sh
                     for a in range(aps):           # reference columns: value x active inputs
                         g = g0 + a
                         for t in range(R):
-                            vr = ref_vals[t] * act
-                            if record and vr > seen[n, g]:
-                                seen[n, g] = vr
-                            if ideal:
-                                Lref[p, a, t] += vr << sh
-                            else:
-                                lev = min(np.rint(np.float64(vr) / step[g]),
-                                          np.float64(adc_levels))
-                                nclip += vr > thr[g]
-                                Lref[p, a, t] += np.int64(lev) << sh
-            for p in range(passes):
-                for o in range(O):
-                    val[o] = 0.0
-                for q in range(Q):
-                    f = np.float64(1 << (cell_bits * col_t[q]))
+                            Lref[p, a, t] = 0
+                            for c in range(C):
+                                vr = ref_vals[t] * act[c]
+                                if record and vr > seen[n, g]:
+                                    seen[n, g] = vr
+                                if ideal:
+                                    Lref[p, a, t] += vr << (c * dac_bits)
+                                else:
+                                    lev = min(np.rint(np.float64(vr) / step[g]), flevels)
+                                    nclip += vr > thr[g]
+                                    Lref[p, a, t] += np.int64(lev) << (c * dac_bits)
+                for p in range(passes):
                     for o in range(O):
-                        lv = L[p, q, o]
-                        if R > 0:
-                            lv -= Lref[p, col_arr[q, o], col_t[q]]
-                        term = f * (stq[q, o] * np.float64(lv))
-                        if col_sign[q] > 0:
-                            val[o] = val[o] + term
+                        val[o] = 0.0
+                    for q in range(Q):
+                        f = np.float64(1 << (cell_bits * col_t[q]))
+                        for o in range(O):
+                            i = q * O + o
+                            lv = L[p, i]
+                            if R > 0:
+                                lv -= Lref[p, col_arr[q, o], col_t[q]]
+                            term = f * (stq[i] * np.float64(lv))
+                            if col_sign[q] > 0:
+                                val[o] = val[o] + term
+                            else:
+                                val[o] = val[o] - term
+                    for o in range(O):
+                        if p == 0:
+                            vseg[o] = val[o]
                         else:
-                            val[o] = val[o] - term
+                            vseg[o] = vseg[o] - val[o]
+                j = seg_col[s]
                 for o in range(O):
-                    if p == 0:
-                        vseg[o] = val[o]
-                    else:
-                        vseg[o] = vseg[o] - val[o]
-            j = seg_col[s]
-            for o in range(O):
-                P[j, n, o] = P[j, n, o] + vseg[o]
-        clip[n] = nclip
+                    P[j, n, o] = P[j, n, o] + vseg[o]
+            clip[n] = nclip
 
 
 # --------------------------------------------------------------------------------------------

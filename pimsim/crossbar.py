@@ -430,8 +430,9 @@ class CrossbarGemm:
         self.words = -(-crossbar.rows // 64)
         (self.col_set, self.col_t, self.col_b0, self.col_nb, self.col_sign, self.n_sets,
          self.mag_bits) = ak.column_table(self.w_bits, crossbar.cell_bits, crossbar.signed)
-        self.wb = np.ascontiguousarray(ak.pack_weights(
-            wq, self.w_bits, crossbar.signed, lm.seg_bounds, self.words).transpose(0, 2, 3, 1))
+        self.wk = ak.kernel_weights(
+            ak.pack_weights(wq, self.w_bits, crossbar.signed, lm.seg_bounds, self.words),
+            self.col_set, self.col_b0, self.col_nb, self.mag_bits, crossbar.cell_bits)
         self.col_arr = np.ascontiguousarray(lm.column_arrays(crossbar).T)      # (Q, O)
         off = (1 << (self.w_bits - 1)) - 1
         mask = (1 << crossbar.cell_bits) - 1
@@ -503,10 +504,10 @@ class CrossbarGemm:
         rec = self.recording
         seen = np.zeros((nb if rec else 1, self.n_arrays), dtype=np.int64)
         levels = 0 if self.ideal else (1 << self.crossbar.adc_bits) - 1
-        ak.array_psums(xb, self.wb, self.seg_col, self.col_set, self.col_t, self.col_b0,
-                       self.col_nb, self.col_sign, self.mag_bits, self.crossbar.cell_bits,
-                       self.crossbar.dac_bits, self.col_arr, self.lm.arrays_per_segment,
-                       self.ref_vals, levels, self.thr, self.step, rec, P, clip, seen)
+        ak.array_psums(xb, self.wk, self.seg_col, self.col_t, self.col_sign,
+                       self.crossbar.cell_bits, self.crossbar.dac_bits, self.col_arr,
+                       self.lm.arrays_per_segment, self.ref_vals, levels, self.thr, self.step,
+                       rec, P, clip, seen)
         if rec:
             np.maximum(self.seen, seen.max(0), out=self.seen)
         self.clipped += int(clip.sum())
