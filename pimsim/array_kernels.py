@@ -110,11 +110,13 @@ def pack_inputs(x, seg_bounds, a_bits, passes, words, out):
             k0, k1 = seg_bounds[s], seg_bounds[s + 1]
             for w in range(words):
                 a = k0 + 64 * w
-                m = min(64, k1 - a)
+                m = max(0, min(64, k1 - a))
                 for p in range(passes):
                     sg = 1 if p == 0 else -1
-                    for kk in range(64):
-                        buf[kk] = max(sg * np.int64(x[n, a + kk]), 0) if kk < m else 0
+                    for kk in range(m):
+                        buf[kk] = max(sg * np.int64(x[n, a + kk]), 0)
+                    for kk in range(m, 64):
+                        buf[kk] = 0
                     for b in range(na):
                         acc = np.uint64(0)
                         for kk in range(64):
@@ -143,7 +145,7 @@ _BLOCK = 16          # input vectors per parallel task (work buffers allocated o
 
 @njit(parallel=True, cache=True)
 def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, aps, ref_vals,
-                adc_levels, thr, step, record, P, clip, seen):
+                adc_levels, lut, thr, step, record, P, clip, seen):
     """Tile partial sums of a chunk of input vectors on the arrays (see module docstring).
 
     xb: (nb, passes, S, na, words) input planes (``pack_inputs``); wk: (S, words, cell_bits,
@@ -152,10 +154,10 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
     slice and sign (+1/-1) of each weight column q (``column_table``); col_arr (Q, O): array
     (within a segment) holding column q of output o; aps: arrays per segment; ref_vals (R,):
     reference column value per slice (offset; else empty); adc_levels: 2^adc_bits - 1, or 0 for
-    an ideal ADC; thr (G,): largest unclipped column sum and step (G,): value of one level, per
-    global array g = s * aps + a; ``record``: track the largest column sum per array in ``seen``
-    (nb, G). Writes P (J, nb, O) float64 and clip (nb,) counts.
-    ADC: ``level = min(rint(v / step), adc_levels)``, clipped when v > thr.
+    an ideal ADC; lut (G, V) int32: the ADC level of every possible column sum 0..V-1, thr (G,):
+    largest unclipped column sum and step (G,): value of one level, per global array
+    g = s * aps + a (``adc_lut``); ``record``: track the largest column sum per array in
+    ``seen`` (nb, G). Writes P (J, nb, O) float64 and clip (nb,) counts.
     """
     nb, passes, S, na, words = xb.shape
     CB, QO = wk.shape[2], wk.shape[3]
@@ -164,18 +166,30 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
     J = P.shape[0]
     C = (na + dac_bits - 1) // dac_bits
     ideal = adc_levels == 0
-    flevels = np.float64(adc_levels)
+    V = lut.shape[1]
+    lutf = lut.ravel()
+    # per segment and flat column q * O + o: global array, its LUT offset, step, threshold
+    garr_s = np.empty((S, QO), dtype=np.int64)
+    for s in range(S):
+        for q in range(Q):
+            for o in range(O):
+                garr_s[s, q * O + o] = s * aps + col_arr[q, o]
+    lbase_s = garr_s * V
+    stq_s = np.empty((S, QO), dtype=np.float64)
+    thq_s = np.empty((S, QO), dtype=np.int64)
+    for s in range(S):
+        for i in range(QO):
+            stq_s[s, i] = step[garr_s[s, i]]
+            thq_s[s, i] = thr[garr_s[s, i]]
     nblk = (nb + _BLOCK - 1) // _BLOCK
     for blk in prange(nblk):
         L = np.zeros((passes, QO), dtype=np.int64)
         Lref = np.zeros((passes, aps, R + 1), dtype=np.int64)
         v = np.zeros((C, QO), dtype=np.int64)        # column sums of every cycle
         act = np.zeros(C, dtype=np.int64)            # active-input count (x bit weight)
+        cnz = np.zeros(C, dtype=np.bool_)            # cycle has an active input
         val = np.zeros(O, dtype=np.float64)
         vseg = np.zeros(O, dtype=np.float64)
-        stq = np.zeros(QO, dtype=np.float64)
-        thq = np.zeros(QO, dtype=np.int64)
-        garr = np.zeros(QO, dtype=np.int64)
         for n in range(blk * _BLOCK, min(nb, (blk + 1) * _BLOCK)):
             for j in range(J):
                 for o in range(O):
@@ -183,15 +197,14 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
             nclip = 0
             for s in range(S):
                 g0 = s * aps
-                for q in range(Q):
-                    for o in range(O):
-                        g = g0 + col_arr[q, o]
-                        garr[q * O + o] = g
-                        stq[q * O + o] = step[g]
-                        thq[q * O + o] = thr[g]
+                garr = garr_s[s]
+                lbase = lbase_s[s]
+                stq = stq_s[s]
+                thq = thq_s[s]
                 for p in range(passes):
                     for c in range(C):
                         act[c] = 0
+                        cnz[c] = False
                         for i in range(QO):
                             v[c, i] = 0
                     for d in range(na):
@@ -202,12 +215,15 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
                             if xv == 0:
                                 continue           # no active input: adds 0 to every sum
                             act[c] += np.int64(popcount64(xv)) << sd
+                            cnz[c] = True
                             for b in range(CB):
                                 for i in range(QO):
                                     v[c, i] += np.int64(popcount64(xv & wk[s, w, b, i])) << (sd + b)
                     for i in range(QO):
                         L[p, i] = 0
                     for c in range(C):
+                        if not cnz[c]:
+                            continue               # all sums 0: level 0, no clip, no record
                         sh = c * dac_bits
                         if record:
                             for i in range(QO):
@@ -218,23 +234,23 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
                                 L[p, i] += v[c, i] << sh
                         else:
                             for i in range(QO):
-                                lev = min(np.rint(np.float64(v[c, i]) / stq[i]), flevels)
                                 nclip += v[c, i] > thq[i]
-                                L[p, i] += np.int64(lev) << sh
+                                L[p, i] += np.int64(lutf[lbase[i] + v[c, i]]) << sh
                     for a in range(aps):           # reference columns: value x active inputs
                         g = g0 + a
                         for t in range(R):
                             Lref[p, a, t] = 0
                             for c in range(C):
+                                if not cnz[c]:
+                                    continue
                                 vr = ref_vals[t] * act[c]
                                 if record and vr > seen[n, g]:
                                     seen[n, g] = vr
                                 if ideal:
                                     Lref[p, a, t] += vr << (c * dac_bits)
                                 else:
-                                    lev = min(np.rint(np.float64(vr) / step[g]), flevels)
                                     nclip += vr > thr[g]
-                                    Lref[p, a, t] += np.int64(lev) << (c * dac_bits)
+                                    Lref[p, a, t] += np.int64(lut[g, vr]) << (c * dac_bits)
                 for p in range(passes):
                     for o in range(O):
                         val[o] = 0.0
@@ -264,6 +280,12 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
 # --------------------------------------------------------------------------------------------
 # Plain NumPy reference
 # --------------------------------------------------------------------------------------------
+
+def adc_lut(step, vmax: int, adc_levels: int) -> np.ndarray:
+    """int32 (G, vmax + 1): ``min(rint(v / step[g]), adc_levels)`` for every column sum v."""
+    v = np.arange(vmax + 1, dtype=np.float64)
+    return np.minimum(np.rint(v[None, :] / np.asarray(step)[:, None]), adc_levels).astype(np.int32)
+
 
 def array_psums_reference(wq, xt, w_bits, a_bits, signed, cell_bits, dac_bits, seg_bounds,
                           seg_col, n_col_blocks, col_arr, aps, ranges, adc_bits, passes):

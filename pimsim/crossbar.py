@@ -451,8 +451,12 @@ class CrossbarGemm:
         if not ideal and self.crossbar.adc_range == "calibrated" and self.ranges is None:
             self.thr = None                  # until fitted
             return
+        from .array_kernels import adc_lut
         self.thr, self.step, self.range_used = adc_tables(
             self.crossbar, self.lm, self.ranges, ideal)
+        vmax = max(self.crossbar.full_range(r) for r in np.diff(self.seg_bounds))
+        self.lut = (np.zeros((self.n_arrays, 1), np.int32) if ideal else
+                    adc_lut(self.step, vmax, (1 << self.crossbar.adc_bits) - 1))
 
     def set_ranges(self, ranges) -> None:
         """Use these per-array ADC ranges (column-sum units), e.g. fitted ``calibrated`` ones."""
@@ -506,8 +510,8 @@ class CrossbarGemm:
         levels = 0 if self.ideal else (1 << self.crossbar.adc_bits) - 1
         ak.array_psums(xb, self.wk, self.seg_col, self.col_t, self.col_sign,
                        self.crossbar.cell_bits, self.crossbar.dac_bits, self.col_arr,
-                       self.lm.arrays_per_segment, self.ref_vals, levels, self.thr, self.step,
-                       rec, P, clip, seen)
+                       self.lm.arrays_per_segment, self.ref_vals, levels, self.lut, self.thr,
+                       self.step, rec, P, clip, seen)
         if rec:
             np.maximum(self.seen, seen.max(0), out=self.seen)
         self.clipped += int(clip.sum())
