@@ -4,8 +4,9 @@
 model with ``torch.fx`` and replaces each Conv2d / Linear by a ``GemmLayer``: the layer's im2col
 weight matrix W (O x K, K in ``weight.reshape(O, -1)`` order) plus its convolution geometry.
 Everything else in the graph (ReLU, residual adds, pooling, flatten, ...) runs as in torch.
-A ``GemmLayer`` runs in float, in fake-quant (dequantized weights and inputs, torch conv) or on
-the tiled-integer kernel of Eq. 5 (``pimsim.kernels``).
+A ``GemmLayer`` runs in float, in fake-quant (dequantized weights and inputs, torch conv), on
+the tiled-integer kernel of Eq. 5 (``pimsim.kernels``) or, in mode ``crossbar``, on simulated
+crossbar arrays (``pimsim.crossbar.CrossbarGemm``, set up by ``pimsim.crossbar.attach``).
 """
 
 from __future__ import annotations
