@@ -1,0 +1,200 @@
+"""Accuracy under ADC limits on the ISAAC-like crossbar, and the speed of the array simulation.
+
+    python benchmarks/bench_adc.py --model resnet20 [--limit N] [--out DIR] [--speed-images 1000]
+
+The network is calibrated once (PTQ-SL, W4A8, ``quant.tile: crossbar`` = 63 x 128 on the
+ISAAC-like preset hwconfigs/isaac.yaml: 128x128 arrays, 2-bit cells, offset weights, 1-bit
+DAC; 128 calibration images of data_batch_1, seed 0; first and last layer in float) and put
+on the arrays. Then every point of adc_bits (ideal, 8, 7, 6, 5, 4) x ADC range policy
+(full, calibrated) is evaluated with the array-level simulation (``eval.backend: crossbar``) on
+the test set (all 10,000 images unless --limit). ``calibrated`` ranges are fitted on the
+calibration batch (largest column sum per array). The ideal ADC is one point (it does not depend
+on the policy). One CSV row per point is appended as soon as it is done; a rerun computes only
+the missing points. Speed: the first --speed-images test images through the tiled-integer
+kernel and through the array simulation (the preset as shipped: 8-bit ADC, full range), same
+process, after a warm-up, best of two; ``slowdown_vs_tiled`` = array time / kernel time.
+Writes DIR/adc-<model>-W4A8-isaac.{csv,md,png} and DIR/adc.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pimsim.config import load
+from pimsim.crossbar import adc_stats, attach, fit_adc_ranges, reset_adc_stats
+from pimsim.data import calibration_set, load_cifar10, to_tensor
+from pimsim.simulate import evaluate, prepare, quantize_network, set_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PRESET = ROOT / "hwconfigs" / "isaac.yaml"
+ADC_BITS = (8, 7, 6, 5, 4)
+POLICIES = ("full", "calibrated")
+FIELDS = ["model", "preset", "adc_bits", "policy", "top1", "adc_clip_fraction", "images",
+          "eval_s"]
+
+
+def read_done(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        return {(r["adc_bits"], r["policy"]): r for r in csv.DictReader(f)}
+
+
+def set_adc(net, mapping, crossbar) -> None:
+    """Rebuild every layer's array operator for ``crossbar`` (same placement)."""
+    for l in net.quantized_layers:
+        l.set_crossbar(crossbar, mapping.layer(l.name))
+
+
+def clip_fraction(net) -> float:
+    st = adc_stats(net).values()
+    conv = sum(n for _, n in st)
+    return sum(c for c, _ in st) / conv if conv else 0.0
+
+
+def timed_eval(net, mode, images, labels, bs):
+    net.set_mode(mode)
+    t0 = time.perf_counter()
+    top1, _ = evaluate(net, images, labels, bs, progress=False)
+    return time.perf_counter() - t0, top1
+
+
+def plot(rows: dict, title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ideal = rows.get(("0", "ideal"))
+    for pol, mark in zip(POLICIES, ("o-", "s-")):
+        pts = sorted((int(b), 100 * float(r["top1"])) for (b, p), r in rows.items() if p == pol)
+        if pts:
+            ax.plot([b for b, _ in pts], [a for _, a in pts], mark, label=f"{pol} range")
+    if ideal:
+        ax.axhline(100 * float(ideal["top1"]), color="k", ls="--", lw=1, label="ideal ADC")
+    ax.set_xlabel("ADC bits")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_xticks(list(ADC_BITS))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(rows: dict) -> list[str]:
+    md = ["| ADC bits | range | top-1 (%) | clipped conversions (%) |", "|---|---|---:|---:|"]
+    keys = [("0", "ideal")] + [(str(b), p) for p in POLICIES for b in ADC_BITS]
+    for k in keys:
+        if k in rows:
+            r = rows[k]
+            bits = "ideal" if k[0] == "0" else k[0]
+            md.append(f"| {bits} | {'-' if k[1] == 'ideal' else k[1]} | "
+                      f"{100 * float(r['top1']):.2f} | {100 * float(r['adc_clip_fraction']):.4f} |")
+    return md
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
+    ap.add_argument("--speed-images", type=int, default=1000,
+                    help="test images of the speed measurement (0 = skip it)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    args = ap.parse_args(argv)
+
+    cfg = load(PRESET, [f"model.name={args.model}", "quant.calibration=ptqsl",
+                        "quant.tile=crossbar", "quant.weight_bits=4", "quant.act_bits=8"])
+    xb0 = cfg.crossbar
+    threads = set_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"adc-{args.model}-W4A8-{xb0.name}"
+    csv_path, json_path = out / f"{stem}.csv", out / "adc.json"
+    done = read_done(csv_path)
+    prev = json.loads(json_path.read_text()) if json_path.exists() else {}
+    points = [(0, "ideal")] + [(b, p) for p in POLICIES for b in ADC_BITS]
+    todo = [pt for pt in points if (str(pt[0]), pt[1]) not in done]
+    need_speed = args.speed_images > 0 and "slowdown_vs_tiled" not in prev
+    print(f"{len(done)} points done, {len(todo)} to compute -> {csv_path}", file=sys.stderr)
+
+    prep = prepare(cfg)
+    images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
+    net, bs = prep.net, cfg["eval.batch_size"]
+    mapping = None
+    speed = {k: prev[k] for k in ("slowdown_vs_tiled", "speed") if k in prev}
+    if todo or need_speed:
+        t0 = time.perf_counter()
+        quantize_network(prep, progress=True)
+        calib_s = time.perf_counter() - t0
+        mapping = attach(net, xb0, cfg.granularity, strict=True)
+        calib = to_tensor(calibration_set(cfg["quant.calib_images"], cfg["quant.seed"],
+                                          prep.data_dir)[0])
+        print(f"calibrated in {calib_s:.1f}s; {mapping.arrays} arrays, utilization "
+              f"{100 * mapping.utilization:.1f}%", file=sys.stderr)
+    if need_speed:
+        n = min(args.speed_images, 10000)
+        simg, slab = load_cifar10("test", prep.data_dir, limit=n)
+        set_adc(net, mapping, xb0)                            # the preset: 8-bit, full range
+        timed_eval(net, "kernel", simg[:50], slab[:50], bs)   # warm-up (compilation)
+        timed_eval(net, "crossbar", simg[:50], slab[:50], bs)
+        tk = min(timed_eval(net, "kernel", simg, slab, bs)[0] for _ in range(2))
+        tx = min(timed_eval(net, "crossbar", simg, slab, bs)[0] for _ in range(2))
+        speed = {"slowdown_vs_tiled": tx / tk,
+                 "speed": {"images": n, "kernel_s": tk, "crossbar_s": tx, "threads": threads,
+                           "preset": xb0.to_dict(), "timing": "best of 2 after a warm-up"}}
+        print(f"speed on {n} images: kernel {tk:.2f}s, arrays {tx:.2f}s, "
+              f"slowdown {tx / tk:.2f}x", file=sys.stderr)
+    new_file = not csv_path.exists()
+    with csv_path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new_file:
+            w.writeheader()
+        for bits, pol in tqdm(todo, desc=stem, unit="point"):
+            xb = dataclasses.replace(xb0, adc_bits=bits,
+                                     adc_range="full" if pol == "ideal" else pol)
+            set_adc(net, mapping, xb)
+            if pol == "calibrated":
+                fit_adc_ranges(net, calib, bs)
+            reset_adc_stats(net)
+            dt, top1 = timed_eval(net, "crossbar", images, labels, bs)
+            row = {"model": args.model, "preset": xb0.name, "adc_bits": bits, "policy": pol,
+                   "top1": f"{top1:.4f}", "adc_clip_fraction": f"{clip_fraction(net):.6g}",
+                   "images": len(images), "eval_s": f"{dt:.1f}"}
+            w.writerow(row)
+            f.flush()
+            done[(str(bits), pol)] = {k: str(v) for k, v in row.items()}
+    title = f"{args.model} W4A8 PTQ-SL on {xb0.name} ({xb0.rows}x{xb0.cols}, {xb0.cell_bits}-bit " \
+            f"cells, {xb0.signed})"
+    n_img = {r["images"] for r in done.values()}
+    md = [f"# ADC resolution x range policy: {title}", "",
+          f"Top-1 on {', '.join(sorted(n_img))} CIFAR-10 test images, array-level simulation "
+          "(`eval.backend: crossbar`).", ""] + table(done)
+    if speed:
+        s = speed["speed"]
+        md += ["", f"Speed ({s['images']} images, {s['threads']} threads): tiled-integer kernel "
+               f"{s['kernel_s']:.2f} s, array simulation {s['crossbar_s']:.2f} s: "
+               f"**{speed['slowdown_vs_tiled']:.2f}x**."]
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    plot(done, title, out / f"{stem}.png")
+    result = {**prev, **speed, "model": args.model, "preset": xb0.to_dict(), "csv": csv_path.name,
+              "points": [done[k] for k in sorted(done, key=lambda k: (k[1], -int(k[0])))]}
+    if mapping is not None:
+        result["arrays"], result["utilization"] = mapping.arrays, mapping.utilization
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
