@@ -45,6 +45,21 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import SweepError, load, run_sweep
+    sweep = load(args.sweep)
+    out = args.out or sweep.out
+    print(f"sweep {args.sweep}: {len(sweep.points)} points -> {out}")
+    try:
+        res = run_sweep(sweep, out=out, workers=args.workers, scheduler=args.scheduler,
+                        data_dir=args.data_dir, progress=not args.quiet)
+    except SweepError as e:
+        print(f"pimsim: error: {e}", file=sys.stderr)
+        return 1
+    print(f"ran {res['ran']} point(s), skipped {res['skipped']} already in {res['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pimsim",
@@ -68,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
 
+    sw = sub.add_parser("sweep", help="run a grid of configs, one CSV row per point (resumable)",
+                        description="Run every point of a sweep YAML (base config + grid of "
+                                    "overrides); rows are appended to the results CSV as points "
+                                    "finish, and a rerun skips the points already there.")
+    sw.add_argument("sweep", help="sweep YAML (see pimsim.sweep)")
+    sw.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                    help="Dask scheduler address (e.g. tcp://host:8786); default: local processes")
+    sw.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="local worker processes (default: all cores)")
+    sw.add_argument("--out", default=None, metavar="FILE.csv",
+                    help="results CSV (default: the sweep's out: key, else SWEEP.csv)")
+    sw.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
+    sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(fn=_cmd_sweep)
+
     f = sub.add_parser("fetch", help="download CIFAR-10 and the published checkpoints "
                                      "(needs internet)")
     f.add_argument("--dest", default=str(Path.home() / ".cache" / "pimsim"),
@@ -86,6 +116,8 @@ def main(argv=None) -> int:
         return 0
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
     from .config import ConfigError
     from .data import DataNotFoundError
     from .models import CheckpointError
