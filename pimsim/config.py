@@ -21,6 +21,12 @@ Schema (defaults in brackets; see README for the full table):
     eval.backend        kernel (tiled-integer Numba kernel) | fake       [kernel]
     eval.limit          evaluate the first N test images, or null = all  [null]
     eval.threads        threads for torch and Numba, 0 = all cores       [0]
+    crossbar.*          optional array description (pimsim.crossbar.Crossbar); absent = null:
+      rows [128] word lines, cols [128] bit lines, cell_bits [2] bits/cell,
+      signed [differential] | offset, dac_bits [1] input bits/cycle, adc_bits [0] (0 = ideal),
+      adc_range [full] | calibrated | column-sum value, scale_bits [16] bits/scale, name [custom]
+    quant.tile: crossbar  the tile that fills one array (needs crossbar:)
+    eval.backend: crossbar  array-level simulation (needs crossbar:)
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import yaml
 from .quant import Granularity, MAX_BITS, MIN_BITS
 
 CALIBRATIONS = ("max", "mse", "ptqsl")
-BACKENDS = ("kernel", "fake")
+BACKENDS = ("kernel", "fake", "crossbar")
 
 
 class ConfigError(ValueError):
@@ -77,8 +83,9 @@ def _str(v):
 
 
 def _tile(v):
-    msg = "must be channelwise, layerwise, [r, c] or [r, null] (with quant.splits), r and c >= 1"
-    if v in ("channelwise", "layerwise"):
+    msg = ("must be channelwise, layerwise, crossbar, [r, c] or [r, null] (with quant.splits), "
+           "r and c >= 1")
+    if v in ("channelwise", "layerwise", "crossbar"):
         return None
     if not isinstance(v, list) or len(v) != 2:
         return msg
@@ -111,6 +118,26 @@ def _float_layers(v):
     return "must be auto or a list of layer names"
 
 
+def _crossbar_check(name):
+    from .crossbar import check_field
+    return lambda v: check_field(name, v)
+
+
+_CROSSBAR_KEYS = (                                # (key, default, unit and meaning)
+    ("rows", 128, "word lines per array = inputs (count)"),
+    ("cols", 128, "bit lines per array = output columns (count)"),
+    ("cell_bits", 2, "bits stored per cell (1..8)"),
+    ("signed", "differential", "signed weights: differential (+/- column sets) | offset "
+                               "(w + 2^(b-1)-1 with reference columns)"),
+    ("dac_bits", 1, "input bits applied per cycle (1..8), inputs are bit-serial"),
+    ("adc_bits", 0, "ADC resolution in bits (0 = ideal, 1..16)"),
+    ("adc_range", "full", "ADC range: full (largest possible column sum) | calibrated (per "
+                          "array, largest column sum on the calibration batch) | a number "
+                          "(column-sum units)"),
+    ("scale_bits", 16, "bits to store one tile scale (1..64)"),
+    ("name", "custom", "preset name"),
+)
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
         "name": Key("resnet20", _str, "model of the zoo (pimsim.models.MODELS)"),
@@ -142,17 +169,26 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "eval": {
         "batch_size": Key(500, _int_in(1), "test images per batch"),
         "backend": Key("kernel", _one_of(BACKENDS),
-                       "kernel: tiled-integer Numba kernel (exact); fake: dequantized torch conv"),
+                       "kernel: tiled-integer Numba kernel (exact); fake: dequantized torch conv; "
+                       "crossbar: array-level simulation (needs a crossbar: section)"),
         "limit": Key(None, _optional(_int_in(1)), "evaluate only the first N test images"),
         "threads": Key(0, _int_in(0), "threads for torch and Numba (0 = all cores)"),
     },
+    # optional: the section is null unless the config (or --set crossbar.*) gives it
+    "crossbar": {f: Key(d, _crossbar_check(f), doc) for f, d, doc in _CROSSBAR_KEYS},
 }
 
 
+OPTIONAL_SECTIONS = ("crossbar",)  # null unless given (`crossbar: {}` = all its defaults)
+
+
+def _section_defaults(sec: str) -> dict:
+    return {k: copy.deepcopy(key.default) for k, key in SCHEMA[sec].items()}
+
+
 def defaults() -> dict:
-    """The default configuration as a nested dict."""
-    return {sec: {k: copy.deepcopy(key.default) for k, key in keys.items()}
-            for sec, keys in SCHEMA.items()}
+    """The default configuration as a nested dict (optional sections are null)."""
+    return {sec: None if sec in OPTIONAL_SECTIONS else _section_defaults(sec) for sec in SCHEMA}
 
 
 def parse_override(text: str, source: str = "--set"):
@@ -179,8 +215,18 @@ class Config:
         return self.data[sec][key]
 
     @property
+    def crossbar(self):
+        """The ``pimsim.crossbar.Crossbar`` of the ``crossbar:`` section, or None."""
+        if self.data.get("crossbar") is None:
+            return None
+        from .crossbar import Crossbar
+        return Crossbar(**self.data["crossbar"])
+
+    @property
     def granularity(self) -> Granularity:
         tile, splits = self["quant.tile"], self["quant.splits"]
+        if tile == "crossbar":
+            return Granularity.tile(*self.crossbar.tile_for(self["quant.weight_bits"]))
         if tile == "channelwise":
             return Granularity.channelwise()
         if tile == "layerwise":
@@ -204,7 +250,10 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
         raise ConfigError(f"{source}: top level must be a mapping of sections "
                           f"({', '.join(SCHEMA)}), got {type(raw).__name__}")
     data = defaults()
+    for sec in OPTIONAL_SECTIONS:
+        data[sec] = _section_defaults(sec)
     items = []
+    given = set()                                 # sections the config or --set gives
     for sec, body in raw.items():
         if sec not in SCHEMA:
             raise _err(source, sec, body, f"unknown section; allowed: {', '.join(SCHEMA)}")
@@ -212,6 +261,7 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
             continue
         if not isinstance(body, dict):
             raise _err(source, sec, body, "must be a mapping of keys")
+        given.add(sec)
         items += [(f"{sec}.{k}", v, source) for k, v in body.items()]
     items += [(k, v, "--set") for k, v in overrides]
     origin = {}                                   # dotted key -> where its value came from
@@ -238,6 +288,7 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
             raise _err(where, dotted, shown, problem)
         data[sec][key] = value
         origin[dotted] = where
+        given.add(sec)
     # cross-field rules
     from .models import MODELS
     if data["model"]["name"] not in MODELS:
@@ -250,7 +301,31 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
     if splits is not None and not (isinstance(tile, list) and tile[1] is None):
         raise _err(origin.get("quant.splits", source), "quant.splits", splits,
                    "only with quant.tile: [r, null]")
+    _check_crossbar(data, given, origin, source)
     return Config(data, source)
+
+
+def _check_crossbar(data: dict, given: set, origin: dict, source: str) -> None:
+    """The crossbar section is null unless given; geometry checks against the quant section."""
+    if "crossbar" not in given:
+        data["crossbar"] = None
+        for key, value in (("quant.tile", "crossbar"), ("eval.backend", "crossbar")):
+            sec, _, k = key.partition(".")
+            if data[sec][k] == value:
+                raise _err(origin.get(key, source), key, value, "needs a crossbar: section")
+        return
+    from .crossbar import Crossbar
+    xb = Crossbar(**data["crossbar"])
+    wb = data["quant"]["weight_bits"]
+    problem = xb.weight_problem(wb)
+    if problem:
+        key = "crossbar.cols"
+        raise _err(origin.get(key, source), key, xb.cols, problem)
+    tile = data["quant"]["tile"]
+    if isinstance(tile, list) and tile[1] is not None:
+        problem = xb.tile_problem(tile[0], tile[1], wb)
+        if problem:
+            raise _err(origin.get("quant.tile", source), "quant.tile", tile, problem)
 
 
 def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path:
