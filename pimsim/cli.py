@@ -45,6 +45,29 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_cost(args) -> int:
+    from .config import load
+    from .cost import config_cost, format_table, to_json
+    cfg = load(args.config, args.set)
+    try:
+        res = config_cost(cfg)
+    except ValueError as e:                  # a tile that does not fit the crossbar
+        print(f"pimsim: error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    xb = res["crossbar"]
+    print(f"model {res['model']}  W{res['w_bits']}A{res['a_bits']}  tile {res['granularity']}  "
+          f"crossbar {xb['name']} {xb['rows']}x{xb['cols']}, {xb['cell_bits']} bit/cell, "
+          f"{xb['signed']}, {xb['dac_bits']}-bit DAC, {xb['scale_bits']}-bit scales"
+          + ("" if res["strict"] else " (default crossbar: oversized tiles split over arrays)"))
+    print(format_table(res))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(to_json(res))
+        print(f"wrote {out}")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from .sweep import SweepError, load, run_sweep
     sweep = load(args.sweep)
@@ -82,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override eval.backend")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
+
+    co = sub.add_parser("cost", help="memory, compute, array, energy and latency cost of a config",
+                        description="Per-layer and total cost of the configured network on its "
+                                    "crossbar (no data needed): scale memory, rescale multiplies "
+                                    "and partial-sum additions, arrays, ADC conversions, energy "
+                                    "and latency per inference from the cost: constants.")
+    co.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key by dotted path, value read as YAML; repeatable")
+    co.add_argument("--out", default=None, metavar="FILE.json", help="write the cost as JSON")
+    co.set_defaults(fn=_cmd_cost)
 
     sw = sub.add_parser("sweep", help="run a grid of configs, one CSV row per point (resumable)",
                         description="Run every point of a sweep YAML (base config + grid of "

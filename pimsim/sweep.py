@@ -217,6 +217,9 @@ def result_row(res: dict) -> dict:
     tile, splits = q["tile"], q["splits"]
     if tile in ("channelwise", "layerwise"):
         method, r, c, m = tile, "", "", ""
+    elif tile == "crossbar":                        # the tile that fills one array
+        g = Config(cfg).granularity
+        method, r, c, m = "method1", g.r, g.c, ""
     elif tile[1] is None:
         method, r, c, m = "method2", tile[0], "", splits
     else:
