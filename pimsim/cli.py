@@ -68,6 +68,14 @@ def _cmd_cost(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    from .plots import plot_results
+    for f in args.results:
+        for p in plot_results(f, args.out):
+            print(f"wrote {p}")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from .sweep import SweepError, load, run_sweep
     sweep = load(args.sweep)
@@ -116,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config key by dotted path, value read as YAML; repeatable")
     co.add_argument("--out", default=None, metavar="FILE.json", help="write the cost as JSON")
     co.set_defaults(fn=_cmd_cost)
+
+    pl = sub.add_parser("plot", help="accuracy heatmaps and accuracy/cost Pareto plots (PNG)",
+                        description="From sweep or granularity CSVs: top-1 heatmaps over (r, c) "
+                                    "and (r, m), and top-1 vs scale-memory overhead and vs "
+                                    "energy with the Pareto front marked.")
+    pl.add_argument("results", nargs="+", help="results CSV(s)")
+    pl.add_argument("--out", default=None, metavar="DIR",
+                    help="folder for the PNGs (default: beside each CSV)")
+    pl.set_defaults(fn=_cmd_plot)
 
     sw = sub.add_parser("sweep", help="run a grid of configs, one CSV row per point (resumable)",
                         description="Run every point of a sweep YAML (base config + grid of "
