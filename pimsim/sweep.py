@@ -5,6 +5,8 @@ A sweep file (YAML)::
 
     base: hwconfigs/default.yaml     # a config file (relative to the sweep file, then the cwd)
                                      # or an inline config mapping; [pimsim defaults]
+                                     # or, as a grid axis, a list of config files (hardware
+                                     # presets, models): grid: {base: [a.yaml, b.yaml]}
     set:                             # overrides applied to every point (dotted keys)   [none]
       eval.limit: 1000
       quant.calibration: max
@@ -17,7 +19,8 @@ A sweep file (YAML)::
     out: results/sweep.csv           # default --out (relative to the sweep file)  [<sweep>.csv]
 
 Every point is validated (``pimsim.config.validate``) before any work starts. A point's key is
-the canonical JSON of its overrides (``set`` and grid values); rows go to the CSV in the parent
+the canonical JSON of its overrides (``set`` and grid values, and ``base`` when it is a grid
+axis); rows go to the CSV in the parent
 process as points finish, each written with one ``write`` + flush + fsync, so a killed sweep
 loses at most the points still running. On rerun, rows already in the file are skipped and a
 partial last line (a kill in the middle of a write) is dropped. A point that raises is reported
@@ -67,10 +70,14 @@ class Point:
     overrides: dict
     cfg: Config
     axes: dict = field(default_factory=dict)     # grid column -> value shown in the CSV
+    base_raw: dict = field(default_factory=dict)  # the base config of this point
+    base_source: str = "<defaults>"
+    base: str | None = None                       # the base file when base is a grid axis
 
     @property
     def key(self) -> str:
-        return point_key(self.overrides)
+        return point_key(self.overrides if self.base is None
+                         else {**self.overrides, "base": self.base})
 
 
 def point_key(overrides: dict) -> str:
@@ -154,21 +161,39 @@ def parse(raw, source: str = "<sweep>") -> Sweep:
     for k in raw:
         if k not in SWEEP_KEYS:
             raise _err(source, k, raw[k], f"unknown key; allowed: {', '.join(SWEEP_KEYS)}")
+    grid = raw.get("grid")
+    base_axis = isinstance(grid, dict) and "base" in grid
+    if base_axis and raw.get("base") is not None:
+        raise _err(source, "base", raw["base"], "give base either at the top or as a grid axis "
+                                                "(grid: {base: [...]}), not both")
     base_raw, base_source = _load_base(source, raw.get("base"))
     fixed = raw.get("set") or {}
     if not isinstance(fixed, dict):
         raise _err(source, "set", fixed, "must be a mapping of dotted config keys to values")
     for k in fixed:
         _check_dotted(source, "set", k)
-    grid = raw.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise _err(source, "grid", grid, "must be a non-empty mapping of axes to lists of values")
-    axes = {name: _axis_values(source, name, vals) for name, vals in grid.items()}
+    axes = {name: _axis_values(source, name, vals) for name, vals in grid.items()
+            if name != "base"}
+    bases = [(None, base_raw, base_source)]
+    if base_axis:
+        vals = grid["base"]
+        if not isinstance(vals, list) or not vals or not all(isinstance(v, str) and v
+                                                              for v in vals):
+            raise _err(source, "grid.base", vals, "must be a non-empty list of config files")
+        bases = [(v, *_load_base(source, v)) for v in vals]
+        axes = {"base": [{"base": i} for i in range(len(vals))], **axes}   # index into bases
     points, seen = [], {}
     for combo in itertools.product(*axes.values()):
         overrides = dict(fixed)
         shown = {}
+        base_name, b_raw, b_source = bases[0]
         for name, ov in zip(axes, combo):
+            if name == "base":
+                base_name, b_raw, b_source = bases[ov["base"]]
+                shown["base"] = base_name
+                continue
             for k in ov:
                 if k in overrides and k not in fixed:
                     raise _err(source, f"grid.{name}", ov,
@@ -176,10 +201,11 @@ def parse(raw, source: str = "<sweep>") -> Sweep:
             overrides.update(ov)
             shown[name] = _show(ov[name]) if name in ov else _show(ov)
         try:
-            cfg = validate(base_raw, base_source, list(overrides.items()))
+            cfg = validate(b_raw, b_source, list(overrides.items()))
         except ConfigError as e:
-            raise ConfigError(f"{source}: grid point {point_key(overrides)}: {e}") from None
-        p = Point(overrides, cfg, shown)
+            where = "" if base_name is None else f" (base {base_name})"
+            raise ConfigError(f"{source}: grid point {point_key(overrides)}{where}: {e}") from None
+        p = Point(overrides, cfg, shown, b_raw, b_source, base_name)
         if p.key in seen:
             raise _err(source, "grid", grid, f"point {p.key} occurs twice")
         seen[p.key] = p
@@ -358,7 +384,7 @@ def run_sweep(sweep: Sweep, out=None, workers: int | None = None, scheduler=None
             results.append({"point": p.key, **p.axes, **row})
         bar.update(1)
 
-    args = lambda p: (sweep.base_raw, sweep.base_source, p.overrides, data_dir)  # noqa: E731
+    args = lambda p: (p.base_raw, p.base_source, p.overrides, data_dir)  # noqa: E731
     try:
         if not todo:
             pass

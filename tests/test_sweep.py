@@ -102,6 +102,27 @@ def test_parse_inline_base_and_out(tmp_path):
     assert sw.out == tmp_path / "r" / "x.csv"
 
 
+def test_parse_base_as_a_grid_axis(tmp_path):
+    (tmp_path / "a.yaml").write_text("quant: {weight_bits: 3}\n")
+    (tmp_path / "b.yaml").write_text("model: {name: resnet56}\ncrossbar: {rows: 64, cols: 64}\n")
+    sw = load(_write_sweep(tmp_path, {"grid": {"base": ["a.yaml", "b.yaml"],
+                                               "quant.tile": ["channelwise", [8, 16]]}}))
+    assert sw.grid_columns == ["base", "quant.tile"]
+    got = [(p.axes["base"], p.cfg["quant.weight_bits"], p.cfg["model.name"], p.axes["quant.tile"])
+           for p in sw.points]
+    assert got == [("a.yaml", 3, "resnet20", "channelwise"), ("a.yaml", 3, "resnet20", "[8,16]"),
+                   ("b.yaml", 4, "resnet56", "channelwise"), ("b.yaml", 4, "resnet56", "[8,16]")]
+    assert sw.points[2].cfg.crossbar.rows == 64 and sw.points[0].cfg.crossbar is None
+    assert '"base":"b.yaml"' in sw.points[2].key and len({p.key for p in sw.points}) == 4
+    with pytest.raises(ConfigError, match="not both"):
+        parse({"base": "a.yaml", "grid": {"base": ["b.yaml"]}}, str(tmp_path / "s.yaml"))
+    with pytest.raises(ConfigError, match="grid.base: \\[3\\]: must be a non-empty list of"):
+        parse({"grid": {"base": [3]}}, str(tmp_path / "s.yaml"))
+    # a point that does not fit its base's crossbar is an error before any work starts
+    with pytest.raises(ConfigError, match=r"grid point .* \(base b.yaml\): .*quant.tile"):
+        parse({"grid": {"base": ["b.yaml"], "quant.tile": [[64, 64]]}}, str(tmp_path / "s.yaml"))
+
+
 @pytest.mark.parametrize("body, needle", [
     ({"grid": {"quant.tile": [[0, 4]]}}, "quant.tile: [0, 4]: must be"),
     ({"grid": {"quant.tile": [[4, None]]}}, "needs quant.splits"),
