@@ -88,21 +88,55 @@ def pareto_front(cost, acc) -> np.ndarray:
     return front
 
 
-def _groups(rows):
+GRANULARITY_KEYS = {"quant.tile", "quant.splits"}
+SAME_AS_GROUP = {"model.name", "quant.weight_bits", "quant.act_bits", "quant.calibration"}
+
+
+def _is_granularity_column(rows, col) -> bool:
+    """A sweep grid column that only chooses the granularity (quant.tile / quant.splits)."""
+    import json
+    if col in GRANULARITY_KEYS:
+        return True
+    for r in rows:
+        try:
+            v = json.loads(r[col]) if isinstance(r[col], str) else None
+        except ValueError:
+            return False
+        if not isinstance(v, dict) or not set(v) <= GRANULARITY_KEYS:
+            return False
+    return True
+
+
+def setting_columns(rows) -> list[str]:
+    """Sweep grid columns (between ``point`` and ``model``) other than the granularity ones,
+    e.g. ``base`` (a hardware preset) or ``crossbar.rows``: the heatmaps are drawn per value."""
+    if not rows or "point" not in rows[0]:
+        return []
+    cols = list(rows[0])
+    grid = cols[cols.index("point") + 1:cols.index("model")]
+    return [c for c in grid if c not in SAME_AS_GROUP and not _is_granularity_column(rows, c)]
+
+
+def _short(v) -> str:
+    s = str(v)
+    return Path(s).stem if s.endswith((".yaml", ".yml")) else s
+
+
+def _groups(rows, extra=()):
     out = {}
     for r in rows:
-        out.setdefault(tuple(r[k] for k in GROUP), []).append(r)
+        out.setdefault(tuple(r[k] for k in (*GROUP, *extra)), []).append(r)
     return out
 
 
 def _label(key) -> str:
-    model, w, a, calib = key
-    return f"{model} W{w}A{a} {calib}"
+    model, w, a, calib, *extra = key
+    return " ".join([f"{model} W{w}A{a} {calib}", *(_short(e) for e in extra)])
 
 
 def _slug(key) -> str:
-    model, w, a, calib = key
-    return f"{model}-W{w}A{a}-{calib}"
+    model, w, a, calib, *extra = key
+    return "-".join([f"{model}-W{w}A{a}-{calib}", *(_short(e).replace("/", "_") for e in extra)])
 
 
 def heatmap(rows, method: str, path, title: str):
@@ -152,7 +186,7 @@ MARKERS = {"channelwise": ("*", "tab:red"), "layerwise": ("X", "tab:purple"),
 
 
 def pareto_scatter(rows, x_key: str, x_scale: float, xlabel: str, path, title: str,
-                   log_x: bool = False):
+                   log_x: bool = False, label_columns=()):
     """Top-1 (%) against ``x_key * x_scale`` with the Pareto front drawn and its points
     ringed; returns the path (None when no row has both values)."""
     import matplotlib
@@ -176,7 +210,8 @@ def pareto_scatter(rows, x_key: str, x_scale: float, xlabel: str, path, title: s
     ax.scatter(x[front], y[front], facecolors="none", edgecolors="black", s=110, zorder=4)
     for i in np.flatnonzero(front):
         g = granularity_of(pts[i])
-        ax.annotate(g.label(), (x[i], y[i]), textcoords="offset points", xytext=(4, -10),
+        text = " ".join([g.label(), *(_short(pts[i][c]) for c in label_columns)])
+        ax.annotate(text, (x[i], y[i]), textcoords="offset points", xytext=(4, -10),
                     fontsize=7)
     if log_x:
         ax.set_xscale("log")
@@ -198,7 +233,8 @@ def plot_results(path, out_dir=None, progress: bool = False) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = add_cost(read_rows(path))
     written = []
-    for key, grp in _groups(rows).items():
+    extra = setting_columns(rows)
+    for key, grp in _groups(rows, extra).items():         # heatmaps: one per setting
         stem = f"{path.stem}-{_slug(key)}"
         for method, what in (("method1", "Method 1 tiles r x c"),
                              ("method2", "Method 2: r rows x m splits")):
@@ -206,13 +242,15 @@ def plot_results(path, out_dir=None, progress: bool = False) -> list[Path]:
                         f"{_label(key)}: top-1 (%), {what}")
             if p:
                 written.append(p)
+    for key, grp in _groups(rows).items():                # scatters: settings compete
+        stem = f"{path.stem}-{_slug(key)}"
         for x_key, scale, xlabel, name, what, log_x in (
                 ("cost_scale_overhead", 100, "scale memory overhead (% of weight memory bits)",
                  "pareto-scale", "accuracy vs scale memory", True),
                 ("cost_energy_nj", 1e-3, "energy per inference (uJ)", "pareto-energy",
                  "accuracy vs energy", False)):
             p = pareto_scatter(grp, x_key, scale, xlabel, out / f"{stem}-{name}.png",
-                               f"{_label(key)}: {what}", log_x)
+                               f"{_label(key)}: {what}", log_x, extra)
             if p:
                 written.append(p)
     return written

@@ -80,3 +80,27 @@ def test_cli_plot_committed_granularity_csv(tmp_path, capsys):
 def test_cli_plot_missing_file(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "none.csv")]) == 2
     assert "results file not found" in capsys.readouterr().err
+
+
+def test_sweep_csv_heatmaps_per_setting_and_one_scatter(tmp_path):
+    from pimsim.sweep import RESULT_COLUMNS, ResultsFile
+    cols = ["point", "base", "granularity", *RESULT_COLUMNS, "cost_scale_overhead",
+            "cost_energy_nj"]
+    rf = ResultsFile(tmp_path / "s.csv", cols)
+    n = 0
+    for base, e in (("hw/a.yaml", 1.0), ("hw/b.yaml", 2.0)):
+        for r, m, top1 in ((4, 2, 0.87), (4, 4, 0.88), (2, 2, 0.875)):
+            gran = f'{{"quant.splits":{m},"quant.tile":[{r},null]}}'
+            rf.append({"point": f"{base}{gran}", "base": base, "granularity": gran,
+                       "model": "resnet20", "wbits": 4, "abits": 8, "calibration": "max",
+                       "method": "method2", "r": r, "m": m, "top1": top1 - (e - 1) / 100,
+                       "cost_scale_overhead": 0.001 * m / r, "cost_energy_nj": 1000 * e * m})
+            n += 1
+    rows = read_rows(tmp_path / "s.csv")
+    from pimsim.plots import setting_columns
+    assert setting_columns(rows) == ["base"]
+    names = sorted(p.name for p in plot_results(tmp_path / "s.csv"))
+    assert names == ["s-resnet20-W4A8-max-a-heatmap-method2.png",
+                     "s-resnet20-W4A8-max-b-heatmap-method2.png",
+                     "s-resnet20-W4A8-max-pareto-energy.png",
+                     "s-resnet20-W4A8-max-pareto-scale.png"]
