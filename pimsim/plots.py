@@ -134,9 +134,13 @@ def _label(key) -> str:
     return " ".join([f"{model} W{w}A{a} {calib}", *(_short(e) for e in extra)])
 
 
-def _slug(key) -> str:
+def _stem(path: Path, key) -> str:
+    """File stem of a group's plots: the CSV stem, plus model-bits-calibration unless the stem
+    already says it, plus the setting values."""
     model, w, a, calib, *extra = key
-    return "-".join([f"{model}-W{w}A{a}-{calib}", *(_short(e).replace("/", "_") for e in extra)])
+    slug = f"{model}-W{w}A{a}-{calib}"
+    parts = [path.stem] if slug in path.stem else [path.stem, slug]
+    return "-".join(parts + [_short(e).replace("/", "_") for e in extra])
 
 
 def heatmap(rows, method: str, path, title: str):
@@ -147,7 +151,7 @@ def heatmap(rows, method: str, path, title: str):
     import matplotlib.pyplot as plt
     col = "c" if method == "method1" else "m"
     pts = [r for r in rows if r["method"] == method and r.get("top1") is not None]
-    if not pts:
+    if len(pts) < 2:                                   # one cell is no map
         return None
     rs = sorted({int(r["r"]) for r in pts}, reverse=True)
     cs = sorted({int(r[col]) for r in pts}, reverse=(method == "method1"))
@@ -235,7 +239,7 @@ def plot_results(path, out_dir=None, progress: bool = False) -> list[Path]:
     written = []
     extra = setting_columns(rows)
     for key, grp in _groups(rows, extra).items():         # heatmaps: one per setting
-        stem = f"{path.stem}-{_slug(key)}"
+        stem = _stem(path, key)
         for method, what in (("method1", "Method 1 tiles r x c"),
                              ("method2", "Method 2: r rows x m splits")):
             p = heatmap(grp, method, out / f"{stem}-heatmap-{method}.png",
@@ -243,7 +247,7 @@ def plot_results(path, out_dir=None, progress: bool = False) -> list[Path]:
             if p:
                 written.append(p)
     for key, grp in _groups(rows).items():                # scatters: settings compete
-        stem = f"{path.stem}-{_slug(key)}"
+        stem = _stem(path, key)
         for x_key, scale, xlabel, name, what, log_x in (
                 ("cost_scale_overhead", 100, "scale memory overhead (% of weight memory bits)",
                  "pareto-scale", "accuracy vs scale memory", True),

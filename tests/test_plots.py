@@ -24,6 +24,7 @@ resnet20,4,8,ptqsl,method1,8,576,,84,0.8690,4.36,10000
 resnet20,4,8,ptqsl,method1,8,36,,928,0.8752,4.05,10000
 resnet20,4,8,ptqsl,method2,4,,2,336,0.8750,3.81,10000
 resnet20,4,8,ptqsl,method2,4,,4,672,,3.56,10000
+resnet20,4,8,ptqsl,method2,2,,2,672,0.8767,3.80,10000
 """
 
 
@@ -42,7 +43,7 @@ def test_read_rows_and_granularity(tmp_path):
     p = tmp_path / "g.csv"
     p.write_text(HEADER + ROWS)
     rows = read_rows(p)
-    assert rows[0]["scales"] == 672 and rows[0]["r"] is None and rows[7]["top1"] is None
+    assert rows[0]["scales"] == 672 and rows[0]["r"] is None and rows[7]["top1"] is None and len(rows) == 9
     assert granularity_of(rows[3]) == Granularity.tile(16, 36)
     assert granularity_of(rows[6]) == Granularity.split(4, 2)
     add_cost(rows)
