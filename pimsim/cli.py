@@ -28,6 +28,11 @@ def _cmd_run(args) -> int:
     print(f"images {res['images']}  float top-1 {100 * res['fp_top1']:.2f}%  "
           f"quantized top-1 {100 * res['top1']:.2f}%  "
           f"(calibration {res['calibration_s']:.1f}s, eval {res['eval_s']:.1f}s)")
+    if "arrays" in res:
+        clip = res["adc_clip_fraction"]
+        print(f"crossbar {res['crossbar']['name']}: {res['arrays']} arrays, utilization "
+              f"{100 * res['utilization']:.1f}%, ADC clipped conversions "
+              f"{'-' if clip is None else f'{100 * clip:.4f}%'}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N test images")
     r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     r.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
-    r.add_argument("--backend", choices=("kernel", "fake"), default=None,
+    r.add_argument("--backend", choices=("kernel", "fake", "crossbar"), default=None,
                    help="override eval.backend")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)

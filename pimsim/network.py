@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .kernels import TiledGemm, conv_out_hw
 from .quant import TileGrid, qrange, quantize_weight
 
-MODES = ("float", "fake", "kernel")
+MODES = ("float", "fake", "kernel", "crossbar")
 
 
 class UnsupportedModelError(ValueError):
@@ -99,10 +99,14 @@ class LayerQuant:
     a_bits: int
     clamp: object = None            # per-tile partial-sum limit (ADC range) or None
     info: dict = field(default_factory=dict)
+    symmetric: bool = False         # integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)
 
     def weight_int(self, w: np.ndarray) -> np.ndarray:
         """The layer's integer weights under this quantization."""
-        return quantize_weight(w, self.grid, self.w_scales, self.w_bits)
+        q = quantize_weight(w, self.grid, self.w_scales, self.w_bits)
+        if self.symmetric:
+            np.maximum(q, -qrange(self.w_bits)[1], out=q)
+        return q
 
 
 class GemmLayer(nn.Module):
@@ -145,6 +149,7 @@ class GemmLayer(nn.Module):
         self.quant: LayerQuant | None = None
         self._op: TiledGemm | None = None
         self._w_fake: torch.Tensor | None = None
+        self.xbar = None            # pimsim.crossbar.CrossbarGemm of mode "crossbar"
         self.hook = None            # callable(layer, x) -> x or None, used by calibrators
 
     # -- matrix view ---------------------------------------------------------------------------
@@ -196,13 +201,24 @@ class GemmLayer(nn.Module):
             self.mode = "kernel"
 
     def clear_quant(self) -> None:
-        self.quant, self._op, self._w_fake = None, None, None
+        self.quant, self._op, self._w_fake, self.xbar = None, None, None, None
         self.mode = "float"
+
+    def set_crossbar(self, crossbar, mapping=None) -> None:
+        """Prepare mode "crossbar": this layer's integer weights on arrays of ``crossbar``
+        (``mapping``: its ``LayerMapping``). The quantization must be ``symmetric``."""
+        from .crossbar import CrossbarGemm
+        q = self.quant
+        if q is None or not q.symmetric:
+            raise ValueError(f"layer {self.name}: crossbar mode needs a symmetric quantization")
+        self.xbar = CrossbarGemm(self._op.wq, q.grid, q.w_scales, crossbar, q.w_bits, q.a_bits,
+                                 mapping=mapping, name=self.name)
 
     def quantize_input(self, x: torch.Tensor, act_scale: float | None = None) -> torch.Tensor:
         """Integer-valued float32 activations ``clamp(round(x / s_x))`` (Eq. 1)."""
         q = self.quant
         lo, hi = qrange(q.a_bits)
+        lo = -hi if q.symmetric else lo
         s = q.act_scale if act_scale is None else act_scale
         return torch.div(x, s).round_().clamp_(lo, hi)
 
@@ -235,6 +251,21 @@ class GemmLayer(nn.Module):
                           self.dilation, bias=self.bias)                  # (B*ho*wo) x O
         return torch.from_numpy(y).view(B, ho, wo, self.O).permute(0, 3, 1, 2)
 
+    def crossbar_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer computed on its crossbar arrays (``pimsim.crossbar.CrossbarGemm``)."""
+        if self.xbar is None:
+            raise ValueError(f"layer {self.name}: mode crossbar needs set_crossbar() first")
+        q = self.quant
+        B = x.shape[0]
+        xq = self.quantize_input(x)
+        if self.kind == "linear":
+            y = self.xbar(xq.reshape(-1, self.K), q.act_scale, bias=self.bias)
+            return torch.from_numpy(y).view(*x.shape[:-1], self.O)
+        ho, wo = self.out_hw(x.shape[2], x.shape[3])
+        y = self.xbar.conv(xq, q.act_scale, self.kernel_size, self.stride, self.padding,
+                           self.dilation, bias=self.bias)
+        return torch.from_numpy(y).view(B, ho, wo, self.O).permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hook is not None:
             y = self.hook(self, x)
@@ -244,6 +275,8 @@ class GemmLayer(nn.Module):
             return self.float_forward(x)
         if self.mode == "fake":
             return self.fake_forward(x)
+        if self.mode == "crossbar":
+            return self.crossbar_forward(x)
         return self.kernel_forward(x)
 
     def extra_repr(self) -> str:
@@ -296,7 +329,7 @@ class Network(nn.Module):
         return [l for l in self.layers if l.quant is not None]
 
     def set_mode(self, mode: str) -> None:
-        """Run every quantized layer in ``mode``: ``float``, ``fake`` or ``kernel``."""
+        """Run every quantized layer in ``mode``: ``float``, ``fake``, ``kernel`` or ``crossbar``."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for l in self.layers:

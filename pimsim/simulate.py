@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibrate import calibrate
-from .config import Config, resolve_checkpoint
+from .config import Config, ConfigError, resolve_checkpoint
 from .cost import config_cost
 from .kernels import set_threads
 from .data import calibration_set, find_data_dir, load_cifar10, to_tensor
@@ -76,6 +76,8 @@ def layer_table(net: Network) -> list[dict]:
 
 def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = True) -> dict:
     """Calibrate and evaluate the configured network; the result dict of ``pimsim run``."""
+    if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
+        raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
     threads = set_threads(cfg["eval.threads"])
     prep = prepare(cfg, data_dir)
     limit = limit or cfg["eval.limit"]
@@ -86,6 +88,7 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
     fp_top1, _ = evaluate(net, images, labels, bs, progress, desc="float")
     fp_s = time.perf_counter() - t0
     info = quantize_network(prep, progress)
+    mapping = setup_crossbar(prep) if cfg.crossbar is not None else None
     net.set_mode(cfg["eval.backend"])
     t0 = time.perf_counter()
     top1, _ = evaluate(net, images, labels, bs, progress, desc=f"quantized ({cfg['eval.backend']})")
@@ -94,7 +97,7 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
     resolved["model"]["checkpoint"] = str(prep.checkpoint)
     resolved["data"]["dir"] = str(prep.data_dir)
     resolved["eval"]["limit"] = limit
-    return {
+    out = {
         "fp_top1": fp_top1,
         "top1": top1,
         "images": int(len(images)),
@@ -108,3 +111,39 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
         "layers": layer_table(net),
         "cost": config_cost(cfg)["totals"],           # pimsim.cost: per-inference totals
     }
+    if mapping is not None:
+        crossbar_results(out, net, mapping, cfg["eval.backend"] == "crossbar")
+    return out
+
+
+def setup_crossbar(prep: Prepared):
+    """With a ``crossbar:`` section: symmetric weights, the Mapping, an array operator per layer
+    and, for backend crossbar with ``adc_range: calibrated``, the per-array ADC ranges fitted on
+    the calibration batch (after quantization)."""
+    from .crossbar import attach, fit_adc_ranges, reset_adc_stats
+    cfg = prep.cfg
+    mapping = attach(prep.net, cfg.crossbar, cfg.granularity, strict=True)
+    if cfg["eval.backend"] == "crossbar" and cfg.crossbar.adc_range == "calibrated" \
+            and cfg.crossbar.adc_bits > 0:
+        calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)
+        fit_adc_ranges(prep.net, to_tensor(calib), cfg["eval.batch_size"])
+    reset_adc_stats(prep.net)
+    return mapping
+
+
+def crossbar_results(out: dict, net: Network, mapping, simulated: bool) -> None:
+    """Add arrays, utilization and ADC clip fraction (totals and per layer) to a run's result;
+    the clip fraction is null unless the arrays were simulated (backend crossbar)."""
+    from .crossbar import adc_stats
+    stats = adc_stats(net) if simulated else {}
+    out["crossbar"] = mapping.crossbar.to_dict()
+    out["arrays"] = mapping.arrays
+    out["utilization"] = mapping.utilization
+    clipped = sum(c for c, _ in stats.values())
+    conv = sum(n for _, n in stats.values())
+    out["adc_clip_fraction"] = clipped / conv if conv else (0.0 if simulated else None)
+    for entry in out["layers"]:
+        lm = mapping.layer(entry["name"])
+        entry["arrays"], entry["utilization"] = lm.arrays, lm.utilization
+        c, n = stats.get(entry["name"], (0, 0))
+        entry["adc_clip_fraction"] = c / n if n else (0.0 if simulated else None)

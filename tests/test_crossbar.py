@@ -193,3 +193,203 @@ def test_config_crossbar_section():
 ])
 def test_config_crossbar_errors(raw, msg):
     assert msg in _cfg_error(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Array-level simulation
+# --------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings          # noqa: E402
+from hypothesis import strategies as st                      # noqa: E402
+
+from pimsim import array_kernels as ak                       # noqa: E402
+from pimsim.crossbar import CrossbarGemm                     # noqa: E402
+from pimsim.kernels import TiledGemm, _combine_nk           # noqa: E402
+
+PROP = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.data_too_large])
+
+
+@st.composite
+def array_problems(draw, adc=False):
+    """A random layer on a random array geometry (ragged edges, both signed schemes)."""
+    O = draw(st.integers(1, 24))
+    K = draw(st.integers(1, 90))
+    N = draw(st.integers(1, 40))
+    wb = draw(st.integers(2, 8))
+    ab = draw(st.integers(2, 9))
+    cell = draw(st.integers(1, 4))
+    dac = draw(st.integers(1, 4))
+    signed = draw(st.sampled_from(["differential", "offset"]))
+    probe = Crossbar(cell_bits=cell, signed=signed)
+    need = probe.cols_per_weight(wb) + probe.ref_cols(wb)
+    rows = draw(st.one_of(st.integers(1, 70), st.sampled_from([64, 128, 200])))
+    cols = draw(st.integers(need, need + 40))
+    r = draw(st.integers(1, O + 3))
+    c = draw(st.integers(1, K + 10))
+    seed = draw(st.integers(0, 2**32 - 1))
+    neg = draw(st.booleans())
+    adc_bits, adc_range = 0, "full"
+    if adc:
+        adc_bits = draw(st.integers(1, 8))
+        adc_range = draw(st.sampled_from(["full", "number", "calibrated"]))
+    rng = np.random.default_rng(seed)
+    hw, ha = (1 << (wb - 1)) - 1, (1 << (ab - 1)) - 1
+    wq = rng.integers(-hw, hw + 1, size=(O, K)) * (rng.random((O, K)) < 0.8)
+    lo = -ha if neg else 0
+    x = (rng.integers(lo, ha + 1, size=(N, K)) * (rng.random((N, K)) < 0.6)).astype(np.float32)
+    grid = Granularity.tile(r, c).resolve(O, K)
+    number = float(rng.uniform(0.5, 3 * rows)) if adc_range == "number" else None
+    xb = Crossbar(rows=rows, cols=cols, cell_bits=cell, signed=signed, dac_bits=dac,
+                  adc_bits=adc_bits, adc_range=number if adc_range == "number" else adc_range)
+    return dict(wq=wq.astype(np.int8 if wb <= 8 else np.int16), x=x, grid=grid, xb=xb, wb=wb,
+                ab=ab, scales=10.0 ** rng.uniform(-3, 1, size=grid.shape),
+                sx=float(10.0 ** rng.uniform(-3, 0)), bias=rng.standard_normal(O).astype(np.float32),
+                rng=rng)
+
+
+@settings(PROP, max_examples=80)
+@given(p=array_problems())
+def test_ideal_adc_equals_tiled_kernel_bit_for_bit(p):
+    """The array path itself (no shortcut): bit slicing, bit-serial inputs, shift-add, offset
+    reference subtraction and segment sums reproduce TiledGemm exactly."""
+    op = CrossbarGemm(p["wq"], p["grid"], p["scales"], p["xb"], p["wb"], p["ab"],
+                      shortcut=False)
+    y = op(p["x"], p["sx"], bias=p["bias"])
+    ref = TiledGemm(p["wq"], p["grid"], p["scales"], w_bits=p["wb"], a_bits=p["ab"])(
+        p["x"], p["sx"], bias=p["bias"], layout="NK")
+    np.testing.assert_array_equal(y.view(np.uint32), ref.view(np.uint32))
+    passes = 2 if (p["x"] < 0).any() else 1
+    assert op.clipped == 0
+    assert op.conversions == len(p["x"]) * op.conversions_per_vector(passes)
+    # and the shortcut gives the same
+    short = CrossbarGemm(p["wq"], p["grid"], p["scales"], p["xb"], p["wb"], p["ab"])
+    np.testing.assert_array_equal(short(p["x"], p["sx"], bias=p["bias"]).view(np.uint32),
+                                  ref.view(np.uint32))
+
+
+def _reference(op, p, ranges):
+    lm = op.lm
+    passes = 2 if (p["x"] < 0).any() else 1
+    return ak.array_psums_reference(
+        p["wq"], p["x"], p["wb"], p["ab"], p["xb"].signed, p["xb"].cell_bits, p["xb"].dac_bits,
+        lm.seg_bounds, op.seg_col, p["grid"].n_col_blocks, lm.column_arrays(p["xb"]),
+        lm.arrays_per_segment, ranges, p["xb"].adc_bits, passes), passes
+
+
+@settings(PROP, max_examples=120)
+@given(p=array_problems(adc=True))
+def test_numba_array_kernel_equals_numpy_reference(p):
+    """Non-ideal ADC (full, fixed and per-array ranges): partial sums, outputs and clip counts
+    of the Numba kernel equal the plain NumPy reference exactly."""
+    op = CrossbarGemm(p["wq"], p["grid"], p["scales"], p["xb"], p["wb"], p["ab"])
+    if p["xb"].adc_range == "calibrated":
+        op.set_ranges(p["rng"].integers(1, 3 * p["xb"].rows + 2, size=op.n_arrays))
+    (P_ref, clip_ref, seen_ref), passes = _reference(op, p, op.range_used)
+    P = op._psums(p["x"], passes)
+    np.testing.assert_array_equal(P, P_ref)
+    assert op.clipped == clip_ref
+    y = op(p["x"], p["sx"], bias=p["bias"])
+    y_ref = np.empty_like(y)
+    _combine_nk(P_ref, op.tiled._srow, op.tiled._lim, p["sx"], p["bias"], y_ref, 0)
+    np.testing.assert_array_equal(y.view(np.uint32), y_ref.view(np.uint32))
+    assert op.clipped == 2 * clip_ref
+    # recording (the calibrated range): the largest column sum per array, as the reference sees
+    op.start_fit()
+    op(p["x"], p["sx"])
+    np.testing.assert_array_equal(op.seen, seen_ref)
+    ranges = op.finish_fit()
+    np.testing.assert_array_equal(ranges, np.maximum(seen_ref, 1))
+    op.reset_stats()
+    op(p["x"], p["sx"])
+    assert op.clipped == 0                    # the fitted range covers the data it saw
+
+
+def test_adc_clips_and_rounds_by_hand():
+    # 1 x 4 layer, one array of 4 rows, 2-bit cells, 1-bit DAC, differential, 3-bit weights:
+    # |w| <= 3 fits one slice; w = [3, 3, 3, -1], x = [1, 1, 1, 1] (a_bits 2: one cycle).
+    # positive column sum 9, negative 1. ADC 2 bits, range 6: step 2, levels 0..3:
+    # 9 -> clip, level 3 -> 6; 1 -> rint(0.5) = 0 (half to even). P = 6 - 0 = 6; 1 of 2 clipped.
+    xb = Crossbar(rows=4, cols=2, cell_bits=2, adc_bits=2, adc_range=6)
+    g = TileGrid(1, 4, 1, 4)
+    op = CrossbarGemm(np.array([[3, 3, 3, -1]]), g, np.ones((1, 1)), xb, 3, 2)
+    y = op(np.ones((1, 4), np.float32), 1.0)
+    assert y.tolist() == [[6.0]] and (op.clipped, op.conversions) == (1, 2)
+
+
+def test_offset_by_hand():
+    # offset, 3-bit weights on 2-bit cells: u = w + 3 in 0..6 in 2 slices (bits 0-1, bit 2),
+    # reference columns hold 3 = (slice0 3, slice1 0). w = [-3, 2], x = [1, 1]:
+    # u = [0, 5] -> slice0 [0, 1], slice1 [0, 1]; sums: slice0 1, slice1 1, ref0 6, ref1 0.
+    # ideal: (1 - 6) + 4 * (1 - 0) = -1 = -3 + 2. 2-bit ADC, full range 2 * 3 = 6, step 2:
+    # levels: 1 -> 0 (rint(0.5)), 6 -> 3, so (0 - 3) * 2 + 4 * ((0 - 0) * 2) = -6.
+    g = TileGrid(1, 2, 1, 2)
+    w = np.array([[-3, 2]])
+    ideal = CrossbarGemm(w, g, np.ones((1, 1)), Crossbar(rows=2, cols=4, signed="offset"), 3, 2,
+                         shortcut=False)
+    assert ideal(np.ones((1, 2), np.float32), 1.0).tolist() == [[-1.0]]
+    op = CrossbarGemm(w, g, np.ones((1, 1)), Crossbar(rows=2, cols=4, signed="offset",
+                                                      adc_bits=2), 3, 2)
+    assert op(np.ones((1, 2), np.float32), 1.0).tolist() == [[-6.0]]
+    assert op.conversions == 4 and op.clipped == 0
+
+
+def test_crossbar_rejects_asymmetric_values():
+    g = TileGrid(2, 3, 2, 3)
+    with pytest.raises(ValueError, match=r"symmetric 4-bit integers in \[-7, 7\]"):
+        CrossbarGemm(np.full((2, 3), -8), g, np.ones((1, 1)), Crossbar(), 4, 8)
+    op = CrossbarGemm(np.ones((2, 3)), g, np.ones((1, 1)), Crossbar(adc_bits=4), 4, 8)
+    with pytest.raises(ValueError, match=r"inputs must be symmetric 8-bit integers"):
+        op(np.full((1, 3), -128, np.float32), 1.0)
+    cal = CrossbarGemm(np.ones((2, 3)), g, np.ones((1, 1)),
+                       Crossbar(adc_bits=4, adc_range="calibrated"), 4, 8)
+    with pytest.raises(ValueError, match="fit the ranges first"):
+        cal(np.ones((1, 3), np.float32), 1.0)
+
+
+def test_conv_on_arrays_equals_tiled_kernel():
+    import torch
+    rng = np.random.default_rng(3)
+    wq = rng.integers(-7, 8, size=(6, 5 * 9))
+    g = TileGrid(6, 45, 4, 20)
+    x = torch.from_numpy(rng.integers(0, 128, size=(2, 5, 7, 6)).astype(np.float32))
+    scales = rng.uniform(0.1, 1, size=g.shape)
+    op = CrossbarGemm(wq, g, scales, Crossbar(rows=16, cols=16), 4, 8, shortcut=False)
+    y = op.conv(x, 0.1, (3, 3), (2, 1), (1, 1))
+    ref = op.tiled.conv(x, 0.1, (3, 3), (2, 1), (1, 1))
+    np.testing.assert_array_equal(y.view(np.uint32), ref.view(np.uint32))
+
+
+# --------------------------------------------------------------------------------------------
+# pimsim run on the ISAAC preset (real data)
+# --------------------------------------------------------------------------------------------
+
+def _data_dir_or_skip():
+    from pimsim.data import find_data_dir
+    try:
+        d = find_data_dir(None)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"CIFAR-10 data not found: {str(e).splitlines()[0]}")
+    if not (d / "models" / "resnet20-cifar10jpg.th").is_file():
+        pytest.skip(f"checkpoint {d / 'models' / 'resnet20-cifar10jpg.th'} missing")
+    return d
+
+
+@pytest.mark.parametrize("adc_range", ["full", "calibrated"])
+def test_run_isaac_reports_arrays_utilization_clips(tmp_path, adc_range):
+    _data_dir_or_skip()
+    from pimsim.cli import main
+    out = tmp_path / "r.json"
+    rc = main(["run", str(ISAAC), "--limit", "20", "--out", str(out), "-q",
+               "--set", "quant.calibration=max", "--set", "quant.calib_images=32",
+               "--set", "eval.threads=1", "--set", f"crossbar.adc_range={adc_range}"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["arrays"] == 85                       # test_mapping_resnet20_isaac_by_hand
+    assert res["utilization"] == pytest.approx(552096 / (85 * 16384))
+    assert 0.0 <= res["adc_clip_fraction"] <= 1.0
+    assert len(res["layers"]) == 18
+    assert sum(l["arrays"] for l in res["layers"]) == 85
+    assert all(0 <= l["adc_clip_fraction"] <= 1 for l in res["layers"])
+    if adc_range == "full":
+        assert res["adc_clip_fraction"] == 0.0      # the full range cannot clip
