@@ -56,6 +56,52 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_cost(args) -> int:
+    from .config import load
+    from .cost import config_cost, format_table, to_json
+    cfg = load(args.config, args.set)
+    try:
+        res = config_cost(cfg)
+    except ValueError as e:                  # a tile that does not fit the crossbar
+        print(f"pimsim: error: {args.config}: {e}", file=sys.stderr)
+        return 2
+    xb = res["crossbar"]
+    print(f"model {res['model']}  W{res['w_bits']}A{res['a_bits']}  tile {res['granularity']}  "
+          f"crossbar {xb['name']} {xb['rows']}x{xb['cols']}, {xb['cell_bits']} bit/cell, "
+          f"{xb['signed']}, {xb['dac_bits']}-bit DAC, {xb['scale_bits']}-bit scales"
+          + ("" if res["strict"] else " (default crossbar: oversized tiles split over arrays)"))
+    print(format_table(res))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(to_json(res))
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plots import plot_results
+    for f in args.results:
+        for p in plot_results(f, args.out):
+            print(f"wrote {p}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import SweepError, load, run_sweep
+    sweep = load(args.sweep)
+    out = args.out or sweep.out
+    print(f"sweep {args.sweep}: {len(sweep.points)} points -> {out}")
+    try:
+        res = run_sweep(sweep, out=out, workers=args.workers, scheduler=args.scheduler,
+                        data_dir=args.data_dir, progress=not args.quiet)
+    except SweepError as e:
+        print(f"pimsim: error: {e}", file=sys.stderr)
+        return 1
+    print(f"ran {res['ran']} point(s), skipped {res['skipped']} already in {res['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pimsim",
@@ -79,6 +125,41 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
 
+    co = sub.add_parser("cost", help="memory, compute, array, energy and latency cost of a config",
+                        description="Per-layer and total cost of the configured network on its "
+                                    "crossbar (no data needed): scale memory, rescale multiplies "
+                                    "and partial-sum additions, arrays, ADC conversions, energy "
+                                    "and latency per inference from the cost: constants.")
+    co.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key by dotted path, value read as YAML; repeatable")
+    co.add_argument("--out", default=None, metavar="FILE.json", help="write the cost as JSON")
+    co.set_defaults(fn=_cmd_cost)
+
+    pl = sub.add_parser("plot", help="accuracy heatmaps and accuracy/cost Pareto plots (PNG)",
+                        description="From sweep or granularity CSVs: top-1 heatmaps over (r, c) "
+                                    "and (r, m), and top-1 vs scale-memory overhead and vs "
+                                    "energy with the Pareto front marked.")
+    pl.add_argument("results", nargs="+", help="results CSV(s)")
+    pl.add_argument("--out", default=None, metavar="DIR",
+                    help="folder for the PNGs (default: beside each CSV)")
+    pl.set_defaults(fn=_cmd_plot)
+
+    sw = sub.add_parser("sweep", help="run a grid of configs, one CSV row per point (resumable)",
+                        description="Run every point of a sweep YAML (base config + grid of "
+                                    "overrides); rows are appended to the results CSV as points "
+                                    "finish, and a rerun skips the points already there.")
+    sw.add_argument("sweep", help="sweep YAML (see pimsim.sweep)")
+    sw.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                    help="Dask scheduler address (e.g. tcp://host:8786); default: local processes")
+    sw.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="local worker processes (default: all cores)")
+    sw.add_argument("--out", default=None, metavar="FILE.csv",
+                    help="results CSV (default: the sweep's out: key, else SWEEP.csv)")
+    sw.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
+    sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(fn=_cmd_sweep)
+
     f = sub.add_parser("fetch", help="download CIFAR-10 and the published checkpoints "
                                      "(needs internet)")
     f.add_argument("--dest", default=str(Path.home() / ".cache" / "pimsim"),
@@ -97,6 +178,8 @@ def main(argv=None) -> int:
         return 0
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
     from .config import ConfigError
     from .data import DataNotFoundError
     from .models import CheckpointError

@@ -378,3 +378,21 @@ def load(path, overrides=()) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return validate(raw, str(path), [parse_override(o) for o in overrides])
+
+
+# --------------------------------------------------------------------------- cost: section
+# Per-operation constants of the cost model (pimsim.cost): energy in pJ, time in ns; the keys,
+# defaults and their published sources are pimsim.cost.COST_KEYS.
+def _positive_number(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+        return "must be a positive number"
+    return None
+
+
+def _cost_schema() -> dict:
+    from .cost import COST_KEYS
+    checks = {"digital_lanes": _int_in(1), "input_passes": _int_in(1, 2)}
+    return {k: Key(d, checks.get(k, _positive_number), doc) for k, d, doc in COST_KEYS}
+
+
+SCHEMA["cost"] = _cost_schema()

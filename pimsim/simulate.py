@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .calibrate import calibrate
 from .config import Config, ConfigError, resolve_checkpoint
+from .cost import config_cost
 from .kernels import set_threads
 from .data import calibration_set, find_data_dir, load_cifar10, to_tensor
 from .models import build_model
@@ -138,6 +139,7 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
         "config": resolved,
         "layers": layer_table(net),
         "reorder": reorder,
+        "cost": config_cost(cfg)["totals"],           # pimsim.cost: per-inference totals
     }
     if mapping is not None:
         crossbar_results(out, net, mapping, cfg["eval.backend"] == "crossbar")

@@ -1,0 +1,338 @@
+"""Cost model: memory, compute, array and energy/latency figures of a quantized network on a
+crossbar, per layer and in total, derived from the crossbar mapping (``pimsim.crossbar``).
+
+No data and no calibration are needed: the layer shapes and output pixels come from one
+forward pass of a single 32 x 32 image with layer hooks, the tile grids from
+``Granularity.resolve(O, K)``, the array placement from ``Mapping.from_layers``.
+
+Per quantized layer (O x K weight matrix, tile grid of ``row_blocks x col_blocks`` tiles,
+``P`` output pixels per inference, 1 for a linear layer; the mapping gives ``segments`` =
+sum_j ceil(c_j / rows) array-row segments and ``arrays``; ``aps = arrays / segments`` arrays
+side by side along the bit lines of every segment; ``cyc = input_cycles(a_bits) *
+input_passes`` DAC cycles per input vector):
+
+memory   weight_bits     = O * K * w_bits
+         scales          = row_blocks * col_blocks
+         scale_bits      = scales * crossbar.scale_bits
+         scale_overhead  = scale_bits / weight_bits; scale_vs_channelwise / _vs_layerwise =
+                           scale_bits / those of the channelwise / layerwise grid (O and 1 scales)
+compute  macs            = O * K * P
+         rescale_mults   = O * col_blocks * P     one multiply per output element per column of
+                                                  tiles (s_x folded into the tile scales, Eq. 5)
+         tile_adds       = O * (col_blocks - 1) * P     adding the scaled tile results
+         segment_adds    = O * (segments - col_blocks) * P   adding split arrays' results of one
+                                                  column block (before its scale)
+         psum_adds       = tile_adds + segment_adds
+         digital_ops     = rescale_mults + psum_adds; digital_overhead = digital_ops / macs;
+                           digital_vs_channelwise = digital_ops / that of the channelwise grid on
+                           the same crossbar
+arrays   arrays, utilization (from the mapping); used_columns = segments * (O * cols_per_weight
+         + reference columns * aps)
+         array_reads     = arrays * cyc * P       one read cycle of every array per input cycle
+         adc_conversions = used_columns * cyc * P every used bit line, every cycle
+         dac_conversions = K * aps * cyc * P      every used word line of every array, every cycle
+         shift_adds      = adc_conversions        each ADC result shift-added into its accumulator
+         buffer_accesses = K * P + O * P + rescale_mults    input reads (broadcast to the arrays
+                           of a segment), output writes, one scale read per rescale multiply
+energy   energy_pj = array_reads * array_read_pj + adc_conversions * adc_pj
+                     + dac_conversions * dac_pj + rescale_mults * mult_pj
+                     + (psum_adds + shift_adds) * add_pj + buffer_accesses * buffer_pj
+latency  layers run one after another, all arrays of a layer in parallel, output pixels one after
+         another: latency_ns = P * (cyc * cycle_ns + ceil(digital_ops / P / digital_lanes)
+         * digital_op_ns)  (the digital work of a pixel is not overlapped with the next pixel's
+         array cycles: a conservative, simple model)
+
+Totals are sums over layers; ratios are recomputed from the summed figures. The per-operation
+constants are the YAML section ``cost:`` (pimsim.config.COST_KEYS; defaults cited there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+
+from .quant import Granularity
+
+# (key, default, unit and source) of the ``cost:`` section. Defaults:
+# ISAAC = Shafiee et al., "ISAAC: A Convolutional Neural Network Accelerator with In-Situ Analog
+# Arithmetic in Crossbars", ISCA 2016, Table 2 (32 nm, 128x128 arrays, 100 ns read cycle);
+# Horowitz = M. Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm).
+COST_KEYS = (
+    ("array_read_pj", 30.0, "pJ per read cycle of one array (ISAAC: 0.3 mW per 128x128 array "
+                            "x 100 ns)"),
+    ("adc_pj", 1.5625, "pJ per ADC conversion (ISAAC: 8-bit ADC, 2 mW at 1.28 GS/s)"),
+    ("dac_pj", 0.39, "pJ per DAC conversion of one word line in one cycle (ISAAC: 1-bit DACs, "
+                     "4 mW for 8 x 128 DACs x 100 ns)"),
+    ("mult_pj", 1.1, "pJ per digital rescale multiply (Horowitz: 16-bit float multiply)"),
+    ("add_pj", 0.1, "pJ per digital add / shift-add (Horowitz: 32-bit integer add)"),
+    ("buffer_pj", 1.25, "pJ per buffer access of one 8-bit element (Horowitz: 10 pJ per 64-bit "
+                        "read of an 8 KB SRAM)"),
+    ("cycle_ns", 100.0, "ns per array read cycle incl. ADC conversion (ISAAC: 100 ns)"),
+    ("digital_op_ns", 1.0, "ns per digital operation step (1 GHz digital clock)"),
+    ("digital_lanes", 128, "digital operations per step (multiply/add lanes)"),
+    ("input_passes", 1, "bit-serial passes per input vector: 1 = non-negative (post-ReLU) "
+                        "inputs, 2 = signed inputs (positive and negative parts)"),
+)
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Per-operation energy (pJ) and time (ns) constants; see ``COST_KEYS``."""
+
+    array_read_pj: float = 30.0
+    adc_pj: float = 1.5625
+    dac_pj: float = 0.39
+    mult_pj: float = 1.1
+    add_pj: float = 0.1
+    buffer_pj: float = 1.25
+    cycle_ns: float = 100.0
+    digital_op_ns: float = 1.0
+    digital_lanes: int = 128
+    input_passes: int = 1
+
+    @classmethod
+    def from_config(cls, cfg) -> "CostParams":
+        sec = cfg.data.get("cost") or {}
+        return cls(**{k: sec[k] for k in (f.name for f in dataclasses.fields(cls)) if k in sec})
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A GEMM layer as the cost model sees it: O x K weights, P output pixels per inference."""
+
+    name: str
+    O: int
+    K: int
+    pixels: int
+
+
+def network_shapes(net, image_hw=(32, 32), channels: int = 3) -> list[LayerShape]:
+    """Shapes and output pixels of every GEMM layer of a ``Network`` (one forward pass of one
+    zero image with hooks)."""
+    import torch
+    pixels = {}
+
+    def hook(layer, x):
+        pixels[layer.name] = (1 if layer.kind == "linear"
+                              else math.prod(layer.out_hw(x.shape[2], x.shape[3])))
+        return None
+
+    net.run_with_hooks(torch.zeros(1, channels, *image_hw), {l.name: hook for l in net.layers})
+    return [LayerShape(l.name, l.O, l.K, pixels[l.name]) for l in net.layers if l.name in pixels]
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shapes(name: str) -> tuple:
+    from .models import build_model
+    from .network import build_network
+    net = build_network(build_model(name))
+    return tuple(network_shapes(net)), tuple(net.default_float_layers())
+
+
+def model_shapes(name: str, float_layers="auto") -> list[LayerShape]:
+    """The quantized layers of zoo model ``name`` (random weights: only shapes matter)."""
+    shapes, default_float = _model_shapes(name)
+    keep = set(default_float) if float_layers == "auto" else set(float_layers)
+    unknown = keep - {s.name for s in shapes}
+    if unknown:
+        raise ValueError(f"quant.float_layers: unknown layer(s) {sorted(unknown)}; "
+                         f"layers: {[s.name for s in shapes]}")
+    return [s for s in shapes if s.name not in keep]
+
+
+def _specs(shapes, gran: Granularity, w_bits: int, a_bits: int):
+    from .crossbar import LayerSpec
+    has_gran = "granularity" in {f.name for f in dataclasses.fields(LayerSpec)}
+    extra = {"granularity": gran} if has_gran else {}
+    return [LayerSpec(s.name, s.O, s.K, gran.resolve(s.O, s.K), w_bits, a_bits, **extra)
+            for s in shapes]
+
+
+def build_mapping(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
+                  strict: bool = True):
+    """``Mapping.from_layers`` of ``shapes`` quantized with ``gran``."""
+    from .crossbar import Mapping
+    return Mapping.from_layers(_specs(shapes, gran, w_bits, a_bits), crossbar, strict=strict)
+
+
+def _segments(lm, crossbar) -> int:
+    seg = getattr(lm, "segments", 0)
+    if seg:
+        return seg
+    # sum_j ceil(c_j / rows) over the column blocks (c_j: the ragged last block is K - c*(n-1))
+    last = lm.K - lm.c * (lm.col_blocks - 1)
+    return (lm.col_blocks - 1) * -(-lm.c // crossbar.rows) + -(-last // crossbar.rows)
+
+
+def _ref_cols(lm, crossbar) -> int:
+    ref = getattr(lm, "ref_cols", None)
+    if ref is not None:
+        return ref
+    return crossbar.slices(lm.w_bits) if crossbar.signed == "offset" else 0
+
+
+def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None) -> dict:
+    """All cost figures of one mapped layer (``chw``/``lw``: its channelwise and layerwise
+    mappings on the same crossbar, for the relative figures)."""
+    O, K, P = lm.O, lm.K, pixels
+    seg = _segments(lm, crossbar)
+    aps = lm.arrays // seg
+    cyc = crossbar.input_cycles(lm.a_bits) * params.input_passes
+    scales = lm.row_blocks * lm.col_blocks
+    weight_bits = O * K * lm.w_bits
+    scale_bits = scales * crossbar.scale_bits
+    rescale = O * lm.col_blocks * P
+    tile_adds = O * (lm.col_blocks - 1) * P
+    seg_adds = O * (seg - lm.col_blocks) * P
+    psum = tile_adds + seg_adds
+    digital = rescale + psum
+    used_cols = seg * (O * lm.cols_per_weight + _ref_cols(lm, crossbar) * aps)
+    array_reads = lm.arrays * cyc * P
+    adc = used_cols * cyc * P
+    dac = K * aps * cyc * P
+    shift_adds = adc
+    buffer = K * P + O * P + rescale
+    e = {"array": array_reads * params.array_read_pj, "adc": adc * params.adc_pj,
+         "dac": dac * params.dac_pj, "mult": rescale * params.mult_pj,
+         "add": (psum + shift_adds) * params.add_pj, "buffer": buffer * params.buffer_pj}
+    latency_ns = P * (cyc * params.cycle_ns
+                      + math.ceil(digital / P / params.digital_lanes) * params.digital_op_ns)
+    out = {"name": lm.name, "O": O, "K": K, "pixels": P, "r": lm.r, "c": lm.c,
+           "row_blocks": lm.row_blocks, "col_blocks": lm.col_blocks, "scales": scales,
+           "weights": O * K, "weight_bits": weight_bits, "scale_bits": scale_bits,
+           "macs": O * K * P, "rescale_mults": rescale, "tile_adds": tile_adds,
+           "segment_adds": seg_adds, "psum_adds": psum, "digital_ops": digital,
+           "arrays": lm.arrays, "segments": seg, "used_cells": lm.used_cells,
+           "total_cells": lm.total_cells, "used_columns": used_cols, "input_cycles": cyc,
+           "array_reads": array_reads, "adc_conversions": adc, "dac_conversions": dac,
+           "shift_adds": shift_adds, "buffer_accesses": buffer,
+           "energy_breakdown_nj": {k: v / 1e3 for k, v in e.items()},
+           "energy_nj": sum(e.values()) / 1e3, "latency_us": latency_ns / 1e3}
+    if chw is not None:
+        c = layer_cost(chw, pixels, crossbar, params)
+        out["chw_scale_bits"], out["chw_digital_ops"] = c["scale_bits"], c["digital_ops"]
+    if lw is not None:
+        out["lw_scale_bits"] = lw.row_blocks * lw.col_blocks * crossbar.scale_bits
+    _ratios(out)
+    return out
+
+
+SUMMED = ("weights", "weight_bits", "scale_bits", "scales", "macs", "rescale_mults",
+          "tile_adds", "segment_adds", "psum_adds", "digital_ops", "arrays", "used_cells",
+          "total_cells", "used_columns", "array_reads", "adc_conversions", "dac_conversions",
+          "shift_adds", "buffer_accesses", "energy_nj", "latency_us", "chw_scale_bits",
+          "chw_digital_ops", "lw_scale_bits")
+
+
+def _ratios(d: dict) -> None:
+    div = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    d["scale_overhead"] = div(d["scale_bits"], d["weight_bits"])
+    d["digital_overhead"] = div(d["digital_ops"], d["macs"])
+    d["utilization"] = div(d["used_cells"], d["total_cells"])
+    if "chw_scale_bits" in d:
+        d["scale_vs_channelwise"] = div(d["scale_bits"], d["chw_scale_bits"])
+        d["digital_vs_channelwise"] = div(d["digital_ops"], d["chw_digital_ops"])
+    if "lw_scale_bits" in d:
+        d["scale_vs_layerwise"] = div(d["scale_bits"], d["lw_scale_bits"])
+
+
+def network_cost(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
+                 params: CostParams | None = None, strict: bool = True) -> dict:
+    """Per-layer and total cost of the quantized layers ``shapes`` with granularity ``gran``.
+
+    Returns ``{"granularity", "w_bits", "a_bits", "crossbar", "params", "layers", "totals"}``.
+    """
+    params = params or CostParams()
+    mapping = build_mapping(shapes, gran, w_bits, a_bits, crossbar, strict)
+    chw = build_mapping(shapes, Granularity.channelwise(), w_bits, a_bits, crossbar, False)
+    lw = build_mapping(shapes, Granularity.layerwise(), w_bits, a_bits, crossbar, False)
+    layers = [layer_cost(lm, s.pixels, crossbar, params, c, l)
+              for s, lm, c, l in zip(shapes, mapping.layers, chw.layers, lw.layers)]
+    totals = {k: sum(l[k] for l in layers) for k in SUMMED}
+    totals["energy_breakdown_nj"] = {k: sum(l["energy_breakdown_nj"][k] for l in layers)
+                                     for k in layers[0]["energy_breakdown_nj"]} if layers else {}
+    _ratios(totals)
+    return {"granularity": str(gran), "w_bits": w_bits, "a_bits": a_bits,
+            "crossbar": dataclasses.asdict(crossbar), "params": dataclasses.asdict(params),
+            "layers": layers, "totals": totals}
+
+
+def crossbar_of(cfg):
+    """``(Crossbar, strict)``: the config's ``crossbar:`` section (strict placement), else the
+    default ``Crossbar()`` standing in (``strict=False``: oversized tiles are split)."""
+    from .crossbar import Crossbar
+    xb = getattr(cfg, "crossbar", None)
+    return (xb, True) if xb is not None else (Crossbar(), False)
+
+
+def config_cost(cfg) -> dict:
+    """The cost of a validated ``Config`` (its model, granularity, bit widths, crossbar)."""
+    xb, strict = crossbar_of(cfg)
+    shapes = model_shapes(cfg["model.name"], cfg["quant.float_layers"])
+    res = network_cost(shapes, cfg.granularity, cfg["quant.weight_bits"], cfg["quant.act_bits"],
+                       xb, CostParams.from_config(cfg), strict)
+    res["model"] = cfg["model.name"]
+    res["strict"] = strict
+    return res
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _si(v: float) -> str:
+    for unit, f in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= f:
+            return f"{v / f:.2f}{unit}"
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.3g}"
+
+
+TABLE = (("layer", "name", 16, str), ("O", "O", 5, str), ("K", "K", 5, str),
+         ("P", "pixels", 5, str), ("tile", None, 9, None), ("scales", "scales", 7, str),
+         ("scale kbit", "scale_bits", 11, lambda v: f"{v / 1e3:.2f}"),
+         ("sc/w %", "scale_overhead", 7, lambda v: f"{100 * v:.2f}"),
+         ("MACs", "macs", 8, _si), ("rescale", "rescale_mults", 8, _si),
+         ("psum add", "psum_adds", 9, _si), ("dig/MAC %", "digital_overhead", 10,
+                                             lambda v: f"{100 * v:.2f}"),
+         ("arrays", "arrays", 7, str), ("util %", "utilization", 7, lambda v: f"{100 * v:.1f}"),
+         ("ADC conv", "adc_conversions", 9, _si), ("E nJ", "energy_nj", 9, lambda v: f"{v:.1f}"),
+         ("t us", "latency_us", 8, lambda v: f"{v:.1f}"))
+
+
+def format_table(res: dict) -> str:
+    """A per-layer table and a totals line of a ``network_cost`` result."""
+    def row(d, name):
+        cells = []
+        for head, key, w, fmt in TABLE:
+            if key is None:
+                v = f"{d['r']}x{d['c']}" if "r" in d else ""
+            elif key == "name":
+                v = name
+            elif key in ("O", "K", "pixels") and key not in d:
+                v = ""
+            else:
+                v = fmt(d[key])
+            cells.append(f"{v:>{w}}" if key != "name" else f"{v:<{w}}")
+        return "".join(cells)
+    head = "".join(f"{h:>{w}}" if k != "name" else f"{h:<{w}}" for h, k, w, _ in TABLE)
+    lines = [head] + [row(l, l["name"]) for l in res["layers"]] + [row(res["totals"], "total")]
+    t = res["totals"]
+    lines.append(
+        f"scale memory {t['scale_bits'] / 8 / 1024:.2f} KiB = {100 * t['scale_overhead']:.2f}% of "
+        f"the {t['weight_bits'] / 8 / 1024:.1f} KiB of weights; {t['scale_vs_channelwise']:.2f}x "
+        f"channelwise, {t['scale_vs_layerwise']:.1f}x layerwise")
+    lines.append(
+        f"digital ops (rescale + partial sums) {_si(t['digital_ops'])} = "
+        f"{100 * t['digital_overhead']:.2f}% of {_si(t['macs'])} MACs; "
+        f"{t['digital_vs_channelwise']:.2f}x channelwise")
+    eb = ", ".join(f"{k} {v:.1f}" for k, v in t["energy_breakdown_nj"].items())
+    lines.append(f"arrays {t['arrays']}, utilization {100 * t['utilization']:.1f}%, "
+                 f"energy {t['energy_nj']:.1f} nJ per inference ({eb}), "
+                 f"latency {t['latency_us']:.1f} us")
+    return "\n".join(lines)
+
+
+def to_json(res: dict) -> str:
+    return json.dumps(res, indent=2) + "\n"
