@@ -145,9 +145,7 @@ def model_shapes(name: str, float_layers="auto") -> list[LayerShape]:
 
 def _specs(shapes, gran: Granularity, w_bits: int, a_bits: int):
     from .crossbar import LayerSpec
-    has_gran = "granularity" in {f.name for f in dataclasses.fields(LayerSpec)}
-    extra = {"granularity": gran} if has_gran else {}
-    return [LayerSpec(s.name, s.O, s.K, gran.resolve(s.O, s.K), w_bits, a_bits, **extra)
+    return [LayerSpec(s.name, s.O, s.K, gran.resolve(s.O, s.K), w_bits, a_bits, gran)
             for s in shapes]
 
 
