@@ -13,7 +13,9 @@ on the policy). One CSV row per point is appended as soon as it is done; a rerun
 the missing points. Speed: the first --speed-images test images through the tiled-integer
 kernel and through the array simulation (the preset as shipped: 8-bit ADC, full range), same
 process, after a warm-up, best of two; ``slowdown_vs_tiled`` = array time / kernel time.
-Writes DIR/adc-<model>-W4A8-isaac.{csv,md,png} and DIR/adc.json.
+Writes DIR/adc-<model>-W4A8-isaac.{csv,md,png} and DIR/adc.json. ``--signed differential``
+runs the same sweep with the preset's offset weights replaced by differential column pairs
+(tile 32 x 128) and writes DIR/adc-<model>-W4A8-isaac-differential.{csv,md,png,json}.
 """
 
 from __future__ import annotations
@@ -111,16 +113,25 @@ def main(argv=None) -> int:
                     help="test images of the speed measurement (0 = skip it)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    ap.add_argument("--signed", choices=["differential", "offset"], default=None,
+                    help="override the preset's signed-weight scheme (a variant: written to "
+                         "adc-<model>-W4A8-isaac-<scheme>.{csv,md,png,json}, no speed run)")
     args = ap.parse_args(argv)
 
-    cfg = load(PRESET, [f"model.name={args.model}", "quant.calibration=ptqsl",
-                        "quant.tile=crossbar", "quant.weight_bits=4", "quant.act_bits=8"])
+    sets = [f"model.name={args.model}", "quant.calibration=ptqsl", "quant.tile=crossbar",
+            "quant.weight_bits=4", "quant.act_bits=8"]
+    variant = args.signed is not None and args.signed != load(PRESET).crossbar.signed
+    if variant:
+        sets.append(f"crossbar.signed={args.signed}")
+        args.speed_images = 0
+    cfg = load(PRESET, sets)
     xb0 = cfg.crossbar
     threads = set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"adc-{args.model}-W4A8-{xb0.name}"
-    csv_path, json_path = out / f"{stem}.csv", out / "adc.json"
+    stem = f"adc-{args.model}-W4A8-{xb0.name}" + (f"-{xb0.signed}" if variant else "")
+    csv_path = out / f"{stem}.csv"
+    json_path = out / (f"{stem}.json" if variant else "adc.json")
     done = read_done(csv_path)
     prev = json.loads(json_path.read_text()) if json_path.exists() else {}
     points = [(0, "ideal")] + [(b, p) for p in POLICIES for b in ADC_BITS]
