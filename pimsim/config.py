@@ -368,16 +368,20 @@ def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path:
                + " (pimsim fetch downloads the published checkpoints)")
 
 
-def load(path, overrides=()) -> Config:
-    """Read and validate a YAML config file; ``overrides`` are ``key=value`` strings."""
+def read_yaml(path, what: str = "config file"):
+    """The parsed YAML of ``path``; ConfigError naming the file if it is missing or not YAML."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return validate(raw, str(path), [parse_override(o) for o in overrides])
+
+
+def load(path, overrides=()) -> Config:
+    """Read and validate a YAML config file; ``overrides`` are ``key=value`` strings."""
+    return validate(read_yaml(path), str(path), [parse_override(o) for o in overrides])
 
 
 # --------------------------------------------------------------------------- cost: section

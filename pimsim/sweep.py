@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, _fmt, validate
+from .config import Config, ConfigError, _fmt, read_yaml, validate
 
 SWEEP_KEYS = ("base", "set", "grid", "out")
 
@@ -223,14 +223,7 @@ def parse(raw, source: str = "<sweep>") -> Sweep:
 
 def load(path) -> Sweep:
     """Read and validate a sweep YAML file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse(raw, str(path))
+    return parse(read_yaml(path, "sweep file"), str(path))
 
 
 # --------------------------------------------------------------------------- one point

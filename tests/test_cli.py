@@ -12,6 +12,7 @@ import pytest
 
 import pimsim
 from pimsim.cli import main
+from pimsim.testing import data_dir_or_skip, restored_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = ROOT / "hwconfigs" / "default.yaml"
@@ -19,24 +20,10 @@ DEFAULT_YAML = ROOT / "hwconfigs" / "default.yaml"
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    """``pimsim run`` sets the torch and Numba thread counts of the process; undo that."""
-    import numba
-    import torch
-    t_torch, t_numba = torch.get_num_threads(), numba.get_num_threads()
-    yield
-    torch.set_num_threads(t_torch)
-    numba.set_num_threads(t_numba)
+    """Runs set the process's torch and Numba thread counts; undo that."""
+    with restored_threads():
+        yield
 
-
-def _data_dir_or_skip():
-    from pimsim.data import DataNotFoundError, find_data_dir
-    try:
-        d = find_data_dir()
-    except DataNotFoundError as e:
-        pytest.skip(f"CIFAR-10 data not found: {str(e).splitlines()[0]}")
-    if not (d / "models" / "resnet20-cifar10jpg.th").is_file():
-        pytest.skip(f"checkpoint {d / 'models' / 'resnet20-cifar10jpg.th'} missing")
-    return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +118,7 @@ def test_run_bad_data_dir_exits_2(capsys, tmp_path):
 
 
 def test_run_missing_checkpoint_exits_2(capsys, tmp_path):
-    _data_dir_or_skip()
+    data_dir_or_skip()
     rc = main(["run", str(DEFAULT_YAML), "--set", "model.checkpoint=missing-ckpt.th", "-q"])
     assert rc == 2
     err = capsys.readouterr().err
@@ -154,7 +141,7 @@ def _run_expect_exit_2(argv, capsys) -> str:
 
 def test_run_checkpoint_of_another_model_exits_2(capsys):
     """A checkpoint that does not fit the configured model (ResNet-56 weights, model resnet20)."""
-    ddir = _data_dir_or_skip()
+    ddir = data_dir_or_skip()
     ck = ddir / "models" / "resnet56-cifar10jpg.th"
     if not ck.is_file():
         pytest.skip(f"{ck} missing")
@@ -165,7 +152,7 @@ def test_run_checkpoint_of_another_model_exits_2(capsys):
 
 def test_run_garbage_checkpoint_exits_2(capsys, tmp_path):
     """A checkpoint file that is not a torch checkpoint at all."""
-    _data_dir_or_skip()
+    data_dir_or_skip()
     ck = tmp_path / "garbage.th"
     ck.write_text("this is not a checkpoint\n")
     err = _run_expect_exit_2(["run", str(DEFAULT_YAML), "--set", f"model.checkpoint={ck}",
@@ -192,7 +179,7 @@ def test_run_bad_backend_exits_2(capsys):
 # --------------------------------------------------------------------------------------------
 
 def test_run_writes_json(capsys, tmp_path):
-    _data_dir_or_skip()
+    data_dir_or_skip()
     out = tmp_path / "sub" / "r.json"
     # one thread: predictable run time when other processes share the cores
     rc = main(["run", str(DEFAULT_YAML), "--limit", "200", "--out", str(out), "-q",
@@ -227,7 +214,7 @@ def test_run_writes_json(capsys, tmp_path):
 
 
 def test_run_fake_backend_and_set(capsys, tmp_path):
-    _data_dir_or_skip()
+    data_dir_or_skip()
     out = tmp_path / "f.json"
     rc = main(["run", str(DEFAULT_YAML), "--limit", "100", "--backend", "fake", "--set",
                "quant.tile=channelwise", "--set", "quant.calib_images=32", "--out", str(out), "-q"])

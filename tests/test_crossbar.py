@@ -12,6 +12,7 @@ import pytest
 from pimsim.config import ConfigError, load, validate
 from pimsim.crossbar import Crossbar, LayerSpec, Mapping, map_layer
 from pimsim.quant import Granularity, TileGrid
+from pimsim.testing import data_dir_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 ISAAC = ROOT / "hwconfigs" / "isaac.yaml"
@@ -364,20 +365,10 @@ def test_conv_on_arrays_equals_tiled_kernel():
 # pimsim run on the ISAAC preset (real data)
 # --------------------------------------------------------------------------------------------
 
-def _data_dir_or_skip():
-    from pimsim.data import find_data_dir
-    try:
-        d = find_data_dir(None)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"CIFAR-10 data not found: {str(e).splitlines()[0]}")
-    if not (d / "models" / "resnet20-cifar10jpg.th").is_file():
-        pytest.skip(f"checkpoint {d / 'models' / 'resnet20-cifar10jpg.th'} missing")
-    return d
-
 
 @pytest.mark.parametrize("adc_range", ["full", "calibrated"])
 def test_run_isaac_reports_arrays_utilization_clips(tmp_path, adc_range):
-    _data_dir_or_skip()
+    data_dir_or_skip()
     from pimsim.cli import main
     out = tmp_path / "r.json"
     rc = main(["run", str(ISAAC), "--limit", "20", "--out", str(out), "-q",

@@ -20,6 +20,7 @@ from pimsim.cli import main
 from pimsim.config import ConfigError
 from pimsim.sweep import (TIMING_COLUMNS, ResultsFile, SweepError, load, parse, point_key,
                           read_results, run_sweep)
+from pimsim.testing import data_dir_or_skip, restored_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = ROOT / "hwconfigs" / "default.yaml"
@@ -32,24 +33,10 @@ GRID = {"quant.weight_bits": [3, 4],
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    """Points run in this process (Dask in-process workers) set thread counts; undo that."""
-    import numba
-    import torch
-    t_torch, t_numba = torch.get_num_threads(), numba.get_num_threads()
-    yield
-    torch.set_num_threads(t_torch)
-    numba.set_num_threads(t_numba)
+    """Runs set the process's torch and Numba thread counts; undo that."""
+    with restored_threads():
+        yield
 
-
-def _data_dir_or_skip():
-    from pimsim.data import DataNotFoundError, find_data_dir
-    try:
-        d = find_data_dir()
-    except DataNotFoundError as e:
-        pytest.skip(f"CIFAR-10 data not found: {str(e).splitlines()[0]}")
-    if not (d / "models" / "resnet20-cifar10jpg.th").is_file():
-        pytest.skip(f"checkpoint {d / 'models' / 'resnet20-cifar10jpg.th'} missing")
-    return d
 
 
 def _write_sweep(tmp_path, body: dict, name="s.yaml") -> Path:
@@ -242,7 +229,7 @@ def test_killed_sweep_process_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_dask_and_local_processes_give_identical_rows(tmp_path):
-    _data_dir_or_skip()
+    data_dir_or_skip()
     from distributed import LocalCluster
     grid = {"quant.weight_bits": [4], "granularity": GRID["granularity"]}
     sw = parse({"base": str(DEFAULT_YAML), "set": FAST, "grid": grid}, str(tmp_path / "s.yaml"))
@@ -263,7 +250,7 @@ def test_dask_and_local_processes_give_identical_rows(tmp_path):
 
 @pytest.mark.slow
 def test_cli_sweep_runs_and_resumes(tmp_path, capsys):
-    _data_dir_or_skip()
+    data_dir_or_skip()
     sweep_file = _write_sweep(tmp_path, {"base": str(DEFAULT_YAML), "set": FAST,
                                          "grid": {"quant.tile": ["channelwise"]}})
     out = tmp_path / "o.csv"
