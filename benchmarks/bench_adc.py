@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--signed", choices=["differential", "offset"], default=None,
                     help="override the preset's signed-weight scheme (a variant: written to "
                          "adc-<model>-W4A8-isaac-<scheme>.{csv,md,png,json}, no speed run)")
+    ap.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
+                    help="range policies to compute this time (default: all; a rerun resumes)")
     args = ap.parse_args(argv)
 
     sets = [f"model.name={args.model}", "quant.calibration=ptqsl", "quant.tile=crossbar",
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     json_path = out / (f"{stem}.json" if variant else "adc.json")
     done = read_done(csv_path)
     prev = json.loads(json_path.read_text()) if json_path.exists() else {}
-    points = [(0, "ideal")] + [(b, p) for p in POLICIES for b in ADC_BITS]
+    points = [(0, "ideal")] + [(b, p) for p in args.policies for b in ADC_BITS]
     todo = [pt for pt in points if (str(pt[0]), pt[1]) not in done]
     need_speed = args.speed_images > 0 and "slowdown_vs_tiled" not in prev
     print(f"{len(done)} points done, {len(todo)} to compute -> {csv_path}", file=sys.stderr)
