@@ -17,10 +17,12 @@ import pimsim.calibrate as calib
 from pimsim import ptqsl
 from pimsim.network import GemmLayer
 from pimsim.quant import Granularity, max_scale, max_scales, qrange, quantize_weight
+from pimsim.testing import CHECKPOINT, find_data
 
-DATA = Path("/work/shared/data")
-CKPT = DATA / "models" / "resnet20-cifar10jpg.th"
-HAVE_DATA = CKPT.is_file() and (DATA / "cifar-10-batches-py").is_dir()
+DATA = find_data()           # found like `pimsim run` finds it; None where absent
+CKPT = DATA / "models" / CHECKPOINT if DATA else None
+HAVE_DATA = DATA is not None
+NO_DATA = f"needs CIFAR-10 and models/{CHECKPOINT} (../shared/data or $PIMSIM_DATA)"
 PROP = settings(deadline=None, max_examples=150, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -247,7 +249,7 @@ def _real_inputs(names, n_images):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_DATA, reason="needs /work/shared/data (ResNet-20 and CIFAR-10)")
+@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_gram_equals_direct_resnet20_layer():
     name = "layer2.1.conv1"
     net, xs = _real_inputs([name], 32)
@@ -388,7 +390,7 @@ def test_calibrate_small_network(metric):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_DATA, reason="needs /work/shared/data (ResNet-20 and CIFAR-10)")
+@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_resnet20_ptqsl_beats_max():
     from pimsim.data import calibration_set, load_cifar10, to_tensor
     from pimsim.models import build_model

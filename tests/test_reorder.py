@@ -23,10 +23,12 @@ from pimsim.network import GemmLayer, build_network
 from pimsim.ptqsl import (LayerProblem, _DirectEval, _fake, algorithm1, candidate_factors,
                           check_params)
 from pimsim.quant import Granularity, qrange
+from pimsim.testing import CHECKPOINT, find_data
 
-DATA = Path("/work/shared/data")
-CKPT = DATA / "models" / "resnet20-cifar10jpg.th"
-HAVE_DATA = CKPT.is_file() and (DATA / "cifar-10-batches-py").is_dir()
+DATA = find_data()           # found like `pimsim run` finds it; None where absent
+CKPT = DATA / "models" / CHECKPOINT if DATA else None
+HAVE_DATA = DATA is not None
+NO_DATA = f"needs CIFAR-10 and models/{CHECKPOINT} (../shared/data or $PIMSIM_DATA)"
 PROP = settings(deadline=None, max_examples=25, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -418,7 +420,7 @@ def test_config_reorder_defaults_and_errors():
 # real ResNet-20
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not HAVE_DATA, reason=f"needs {CKPT} and CIFAR-10 under {DATA}")
+@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_real_resnet20_joint_orders_preserve_function():
     from pimsim.data import load_cifar10, to_tensor
     net = build_network(build_model("resnet20", checkpoint=CKPT))
@@ -433,7 +435,7 @@ def test_real_resnet20_joint_orders_preserve_function():
     assert torch.equal(y1.argmax(1), y0.argmax(1))
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason=f"needs {CKPT} and CIFAR-10 under {DATA}")
+@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_pimsim_run_evolution_writes_orders_and_runs_kernel_without_gather(tmp_path, capsys):
     import json
 
