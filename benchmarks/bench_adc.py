@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pimsim.config import load
+from pimsim.cost import config_cost
 from pimsim.crossbar import adc_stats, attach, fit_adc_ranges, reset_adc_stats
 from pimsim.data import calibration_set, load_cifar10, to_tensor
 from pimsim.simulate import evaluate, prepare, quantize_network, set_threads
@@ -93,15 +94,30 @@ def plot(rows: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def table(rows: dict) -> list[str]:
-    md = ["| ADC bits | range | top-1 (%) | clipped conversions (%) |", "|---|---|---:|---:|"]
+def energies(sets: list[str]) -> dict:
+    """``{adc_bits: (ADC energy, total energy)}`` in uJ per inference from the cost model
+    (pimsim.cost; ideal = 0 is charged at the lossless resolution of a full array)."""
+    out = {}
+    for b in (0,) + ADC_BITS:
+        t = config_cost(load(PRESET, sets + [f"crossbar.adc_bits={b}"]))["totals"]
+        out[b] = (t["energy_breakdown_nj"]["adc"] / 1e3, t["energy_nj"] / 1e3)
+    return out
+
+
+def table(rows: dict, energy: dict | None = None) -> list[str]:
+    energy = energy or {}
+    md = ["| ADC bits | range | top-1 (%) | clipped conversions (%) | ADC energy (uJ) | "
+          "energy / inference (uJ) |", "|---|---|---:|---:|---:|---:|"]
     keys = [("0", "ideal")] + [(str(b), p) for p in POLICIES for b in ADC_BITS]
     for k in keys:
         if k in rows:
             r = rows[k]
             bits = "ideal" if k[0] == "0" else k[0]
+            e = energy.get(int(k[0]))
+            ecells = "- | -" if e is None else f"{e[0]:.1f} | {e[1]:.1f}"
             md.append(f"| {bits} | {'-' if k[1] == 'ideal' else k[1]} | "
-                      f"{100 * float(r['top1']):.2f} | {100 * float(r['adc_clip_fraction']):.4f} |")
+                      f"{100 * float(r['top1']):.2f} | {100 * float(r['adc_clip_fraction']):.4f} "
+                      f"| {ecells} |")
     return md
 
 
@@ -190,9 +206,12 @@ def main(argv=None) -> int:
     title = f"{args.model} W4A8 PTQ-SL on {xb0.name} ({xb0.rows}x{xb0.cols}, {xb0.cell_bits}-bit " \
             f"cells, {xb0.signed})"
     n_img = {r["images"] for r in done.values()}
+    energy = energies(sets)
     md = [f"# ADC resolution x range policy: {title}", "",
           f"Top-1 on {', '.join(sorted(n_img))} CIFAR-10 test images, array-level simulation "
-          "(`eval.backend: crossbar`).", ""] + table(done)
+          "(`eval.backend: crossbar`). Energy per inference from `pimsim.cost` (default `cost:` "
+          "constants; the ADC energy per conversion scales as 2^bits, the ideal ADC is charged "
+          "at the lossless resolution of a full array).", ""] + table(done, energy)
     if speed:
         s = speed["speed"]
         md += ["", f"Speed ({s['images']} images, {s['threads']} threads): tiled-integer kernel "
@@ -200,7 +219,9 @@ def main(argv=None) -> int:
                f"**{speed['slowdown_vs_tiled']:.2f}x**."]
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     plot(done, title, out / f"{stem}.png")
-    result = {**prev, **speed, "model": args.model, "preset": xb0.to_dict(), "csv": csv_path.name,
+    result = {**prev, **speed, "energy_uj": {str(b): {"adc": a, "total": t}
+                                             for b, (a, t) in energy.items()},
+              "model": args.model, "preset": xb0.to_dict(), "csv": csv_path.name,
               "points": [done[k] for k in sorted(done, key=lambda k: (k[1], -int(k[0])))]}
     if mapping is not None:
         result["arrays"], result["utilization"] = mapping.arrays, mapping.utilization

@@ -395,7 +395,8 @@ def _positive_number(v):
 
 def _cost_schema() -> dict:
     from .cost import COST_KEYS
-    checks = {"digital_lanes": _int_in(1), "input_passes": _int_in(1, 2)}
+    checks = {"digital_lanes": _int_in(1), "input_passes": _int_in(1, 2),
+              "adc_ref_bits": _int_in(0, 16)}
     return {k: Key(d, checks.get(k, _positive_number), doc) for k, d, doc in COST_KEYS}
 
 

@@ -34,9 +34,14 @@ arrays   arrays, utilization (from the mapping); used_columns = segments * (O * 
          shift_adds      = adc_conversions        each ADC result shift-added into its accumulator
          buffer_accesses = K * P + O * P + rescale_mults    input reads (broadcast to the arrays
                            of a segment), output writes, one scale read per rescale multiply
-energy   energy_pj = array_reads * array_read_pj + adc_conversions * adc_pj
+energy   energy_pj = array_reads * array_read_pj + adc_conversions * adc_pj_eff
                      + dac_conversions * dac_pj + rescale_mults * mult_pj
                      + (psum_adds + shift_adds) * add_pj + buffer_accesses * buffer_pj
+         ADC energy per conversion scales with the resolution at a constant Walden figure of
+         merit (energy per conversion step): adc_pj_eff = adc_pj * 2^(adc_bits - adc_ref_bits),
+         where adc_bits = crossbar.adc_bits, or for an ideal ADC (adc_bits = 0) the lossless
+         resolution ceil(log2(full_range(crossbar.rows) + 1)) that resolves every column sum of a
+         full array; adc_ref_bits = 0 turns the scaling off (adc_pj_eff = adc_pj).
 latency  layers run one after another, all arrays of a layer in parallel, output pixels one after
          another: latency_ns = P * (cyc * cycle_ns + ceil(digital_ops / P / digital_lanes)
          * digital_op_ns)  (the digital work of a pixel is not overlapped with the next pixel's
@@ -64,6 +69,10 @@ COST_KEYS = (
     ("array_read_pj", 30.0, "pJ per read cycle of one array (ISAAC: 0.3 mW per 128x128 array "
                             "x 100 ns)"),
     ("adc_pj", 1.5625, "pJ per ADC conversion (ISAAC: 8-bit ADC, 2 mW at 1.28 GS/s)"),
+    ("adc_ref_bits", 8, "ADC resolution (bits) at which adc_pj holds; the energy per conversion "
+                        "scales as 2^(bits - adc_ref_bits), i.e. a constant Walden figure of merit "
+                        "(B. Murmann, ADC Performance Survey 1997-2024: near-constant energy per "
+                        "conversion step below ~10 bits); 0 = adc_pj at every resolution"),
     ("dac_pj", 0.39, "pJ per DAC conversion of one word line in one cycle (ISAAC: 1-bit DACs, "
                      "4 mW for 8 x 128 DACs x 100 ns)"),
     ("mult_pj", 1.1, "pJ per digital rescale multiply (Horowitz: 16-bit float multiply)"),
@@ -84,6 +93,7 @@ class CostParams:
 
     array_read_pj: float = 30.0
     adc_pj: float = 1.5625
+    adc_ref_bits: int = 8
     dac_pj: float = 0.39
     mult_pj: float = 1.1
     add_pj: float = 0.1
@@ -172,6 +182,21 @@ def _ref_cols(lm, crossbar) -> int:
     return crossbar.slices(lm.w_bits) if crossbar.signed == "offset" else 0
 
 
+def adc_resolution(crossbar) -> int:
+    """The ADC resolution the cost model charges: ``crossbar.adc_bits``, or for an ideal ADC the
+    lossless resolution that resolves every column sum of a full array."""
+    if crossbar.adc_bits:
+        return int(crossbar.adc_bits)
+    return max(1, math.ceil(math.log2(crossbar.full_range(crossbar.rows) + 1)))
+
+
+def adc_energy_pj(crossbar, params: CostParams) -> float:
+    """pJ per ADC conversion at ``adc_resolution(crossbar)`` (see the module docstring)."""
+    if not params.adc_ref_bits:
+        return float(params.adc_pj)
+    return float(params.adc_pj) * 2.0 ** (adc_resolution(crossbar) - params.adc_ref_bits)
+
+
 def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None) -> dict:
     """All cost figures of one mapped layer (``chw``/``lw``: its channelwise and layerwise
     mappings on the same crossbar, for the relative figures)."""
@@ -193,7 +218,7 @@ def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None)
     dac = K * aps * cyc * P
     shift_adds = adc
     buffer = K * P + O * P + rescale
-    e = {"array": array_reads * params.array_read_pj, "adc": adc * params.adc_pj,
+    e = {"array": array_reads * params.array_read_pj, "adc": adc * adc_energy_pj(crossbar, params),
          "dac": dac * params.dac_pj, "mult": rescale * params.mult_pj,
          "add": (psum + shift_adds) * params.add_pj, "buffer": buffer * params.buffer_pj}
     latency_ns = P * (cyc * params.cycle_ns
@@ -255,6 +280,7 @@ def network_cost(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
     _ratios(totals)
     return {"granularity": str(gran), "w_bits": w_bits, "a_bits": a_bits,
             "crossbar": dataclasses.asdict(crossbar), "params": dataclasses.asdict(params),
+            "adc_bits": adc_resolution(crossbar), "adc_pj": adc_energy_pj(crossbar, params),
             "layers": layers, "totals": totals}
 
 
@@ -329,6 +355,10 @@ def format_table(res: dict) -> str:
     lines.append(f"arrays {t['arrays']}, utilization {100 * t['utilization']:.1f}%, "
                  f"energy {t['energy_nj']:.1f} nJ per inference ({eb}), "
                  f"latency {t['latency_us']:.1f} us")
+    if "adc_bits" in res:
+        lines.append(f"ADC: {res['adc_bits']}-bit"
+                     + (" (lossless for an ideal ADC)" if not res["crossbar"]["adc_bits"] else "")
+                     + f", {res['adc_pj']:.4g} pJ per conversion")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 4 bit lines per weight; 4-bit inputs with a 1-bit DAC: 3 cycles.
 XB = Crossbar(rows=8, cols=16, cell_bits=2, signed="differential", dac_bits=1, scale_bits=16)
 SHAPES = [LayerShape("a", O=4, K=10, pixels=9), LayerShape("b", O=6, K=20, pixels=4)]
-UNIT = CostParams(array_read_pj=1, adc_pj=1, dac_pj=1, mult_pj=1, add_pj=1, buffer_pj=1,
-                  cycle_ns=100, digital_op_ns=1, digital_lanes=128, input_passes=1)
+UNIT = CostParams(array_read_pj=1, adc_pj=1, adc_ref_bits=0, dac_pj=1, mult_pj=1, add_pj=1,
+                  buffer_pj=1, cycle_ns=100, digital_op_ns=1, digital_lanes=128, input_passes=1)
 
 
 def test_small_network_counts_by_hand():
@@ -125,8 +126,11 @@ def test_config_cost_section_and_default_crossbar():
     cfg = load(ROOT / "hwconfigs" / "default.yaml", ["cost.adc_pj=3.0"])
     res = config_cost(cfg)
     assert res["strict"] is False and res["params"]["adc_pj"] == 3.0
+    # the default crossbar has an ideal ADC, charged at the lossless resolution of a full
+    # 128-row array of 2-bit cells with a 1-bit DAC: column sums 0..384 -> 9 bits = 2x 8 bits
+    assert res["adc_bits"] == 9 and res["adc_pj"] == pytest.approx(6.0)
     assert res["totals"]["energy_breakdown_nj"]["adc"] == pytest.approx(
-        3.0 * res["totals"]["adc_conversions"] / 1e3)
+        6.0 * res["totals"]["adc_conversions"] / 1e3)
     with pytest.raises(ConfigError, match="cost.adc_pj: -1: must be a positive number"):
         validate({"cost": {"adc_pj": -1}}, "x.yaml")
     with pytest.raises(ConfigError, match="cost.input_passes: 3: must be in 1..2"):
@@ -148,3 +152,26 @@ def test_cli_cost_prints_table_and_writes_json(tmp_path, capsys):
 def test_cli_cost_bad_config_is_exit_2(tmp_path, capsys):
     assert main(["cost", str(ROOT / "hwconfigs" / "default.yaml"), "--set", "cost.dac_pj=0"]) == 2
     assert "cost.dac_pj: 0: must be a positive number" in capsys.readouterr().err
+
+
+def test_adc_energy_scales_with_resolution():
+    params = CostParams()                                   # adc_pj 1.5625 at 8 bits
+    conv = None
+    for bits, pj in ((8, 1.5625), (6, 1.5625 / 4), (4, 1.5625 / 16), (10, 1.5625 * 4)):
+        xb = dataclasses.replace(XB, adc_bits=bits)
+        res = network_cost(SHAPES, Granularity.tile(2, 5), 4, 4, xb, params)
+        assert res["adc_bits"] == bits and res["adc_pj"] == pytest.approx(pj)
+        t = res["totals"]
+        conv = conv or t["adc_conversions"]
+        assert t["adc_conversions"] == conv                 # resolution changes energy only
+        assert t["energy_breakdown_nj"]["adc"] == pytest.approx(pj * conv / 1e3)
+    # ideal ADC on the 8-row array: column sums up to 8 * 3 = 24 -> 5 lossless bits
+    res = network_cost(SHAPES, Granularity.tile(2, 5), 4, 4, XB, params)
+    assert res["adc_bits"] == 5 and res["adc_pj"] == pytest.approx(1.5625 / 8)
+    # adc_ref_bits = 0: no scaling
+    flat = dataclasses.replace(params, adc_ref_bits=0)
+    res = network_cost(SHAPES, Granularity.tile(2, 5), 4, 4, dataclasses.replace(XB, adc_bits=4),
+                       flat)
+    assert res["adc_pj"] == 1.5625
+    with pytest.raises(ConfigError, match="cost.adc_ref_bits: 17: must be in 0..16"):
+        validate({"cost": {"adc_ref_bits": 17}}, "x.yaml")
