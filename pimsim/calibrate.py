@@ -11,6 +11,7 @@ weight-MSE search, no data).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -25,12 +26,16 @@ def _max_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_
     grid = gran.resolve(layer.O, layer.K)
     w_scales = max_scales(layer.weight_matrix(), grid, w_bits)
     act_scale = float(max_scale(float(x.abs().max()), a_bits))
-    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"})
+    # the max init s = max|w| / (2^(b-1)-1) never reaches -2^(b-1): symmetric either way
+    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"},
+                      symmetric=bool((params or {}).get("symmetric", False)))
 
 
 # A method: fn(layer, x, target, gran, w_bits, a_bits, params) -> LayerQuant, where x is the
 # layer's input in the (partly) quantized network and target its float output (None unless the
-# method is listed in NEEDS_TARGET).
+# method is listed in NEEDS_TARGET). ``params["symmetric"]`` (present only when true) asks for
+# integers in [-(2^(b-1)-1), 2^(b-1)-1]; a method that ignores it gets its weights clamped
+# to that range afterwards (``symmetric_quant``).
 _METHOD_FNS = {"max": _max_method}
 NEEDS_TARGET: set[str] = set()
 
@@ -72,18 +77,33 @@ def resolve_float_layers(net: Network, float_layers) -> set[str]:
     return set(float_layers)
 
 
+def method_params(params: dict | None, symmetric: bool = False) -> dict:
+    """A copy of ``params`` with ``"symmetric": True`` added when ``symmetric``."""
+    params = dict(params or {})
+    if symmetric:
+        params["symmetric"] = True
+    return params
+
+
+def symmetric_quant(q: LayerQuant, symmetric: bool) -> LayerQuant:
+    """``q``, marked symmetric (weights clamped to -(2^(b-1)-1)) when asked and not already."""
+    return dataclasses.replace(q, symmetric=True) if symmetric and not q.symmetric else q
+
+
 def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
               method: str = "max", float_layers="auto", progress: bool = True,
-              params: dict | None = None) -> dict:
+              params: dict | None = None, symmetric: bool = False) -> dict:
     """Quantize every GEMM layer of ``net`` except ``float_layers``, in network order.
 
-    ``images`` is the (normalized) calibration batch; ``params`` method options.
+    ``images`` is the (normalized) calibration batch; ``params`` method options;
+    ``symmetric``: integers in ``[-(2^(b-1)-1), 2^(b-1)-1]``, the range crossbar arrays store
+    (the methods search their scales for it).
     Returns ``{"calibration_s", "float_layers"}``.
     """
     if method not in _METHOD_FNS:
         raise ValueError(f"calibration method must be one of {sorted(_METHOD_FNS)}, got {method!r}")
     fn = _METHOD_FNS[method]
-    params = dict(params or {})
+    params = method_params(params, symmetric)
     keep = resolve_float_layers(net, float_layers)
     todo = [l for l in net.layers if l.name not in keep]
     for l in net.layers:
@@ -95,7 +115,8 @@ def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int
 
     def hook(layer: GemmLayer, x: torch.Tensor):
         layer.hook = None
-        layer.set_quant(fn(layer, x, targets.pop(layer.name, None), gran, w_bits, a_bits, params))
+        q = fn(layer, x, targets.pop(layer.name, None), gran, w_bits, a_bits, params)
+        layer.set_quant(symmetric_quant(q, symmetric))
         layer.mode = "fake"             # the quantized output feeds the next layer
         bar.update(1)
         return None

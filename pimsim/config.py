@@ -108,6 +108,9 @@ def _search(v):
         return "must be a mapping of alpha, beta, candidates, rounds, mode, act_search"
     if "metric" in v:
         return "the metric is quant.metric, not quant.search.metric"
+    if "symmetric" in v:
+        return ("symmetric is not a search option: calibration uses the symmetric integer range "
+                "exactly when the config has a crossbar: section")
     from .ptqsl import check_params      # lazy import: avoids a cycle
     try:
         check_params(v)

@@ -104,10 +104,7 @@ class LayerQuant:
 
     def weight_int(self, w: np.ndarray) -> np.ndarray:
         """The layer's integer weights under this quantization."""
-        q = quantize_weight(w, self.grid, self.w_scales, self.w_bits)
-        if self.symmetric:
-            np.maximum(q, -qrange(self.w_bits)[1], out=q)
-        return q
+        return quantize_weight(w, self.grid, self.w_scales, self.w_bits, self.symmetric)
 
 
 class GemmLayer(nn.Module):
@@ -218,8 +215,7 @@ class GemmLayer(nn.Module):
     def quantize_input(self, x: torch.Tensor, act_scale: float | None = None) -> torch.Tensor:
         """Integer-valued float32 activations ``clamp(round(x / s_x))`` (Eq. 1)."""
         q = self.quant
-        lo, hi = qrange(q.a_bits)
-        lo = -hi if q.symmetric else lo
+        lo, hi = qrange(q.a_bits, q.symmetric)
         s = q.act_scale if act_scale is None else act_scale
         return torch.div(x, s).round_().clamp_(lo, hi)
 

@@ -45,6 +45,10 @@ Registers two calibration methods with ``pimsim.calibrate`` at import time:
     ``||W_ij - W^_ij||^2``; activation scale by ``max`` calibration.
 
 Parameters (``params`` dict; YAML ``quant.search.*`` and ``quant.metric``): see ``DEFAULTS``.
+``symmetric`` (set by ``calibrate(symmetric=True)``, which ``pimsim run`` uses when the config
+has a ``crossbar:`` section): weights and inputs are searched, and quantized, in the symmetric
+range ``[-(2^(b-1)-1), 2^(b-1)-1]`` that crossbar arrays store, so the scales are chosen for the
+integers the arrays will hold.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ DEFAULTS = {
     "mode": "gram",         # gram | direct
     "metric": "euclidean",  # euclidean | cosine
     "act_search": "golden",  # golden | grid (activation-scale search)
+    "symmetric": False,     # integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)
 }
 MODES = ("gram", "direct")
 METRICS = ("euclidean", "cosine")
@@ -108,6 +113,9 @@ def check_params(params: dict | None) -> dict:
     if not _whole(p["rounds"]) or not 1 <= p["rounds"] <= 1000:
         raise ValueError(f"rounds must be an integer in 1..1000, got {p['rounds']!r}")
     p["candidates"], p["rounds"] = int(p["candidates"]), int(p["rounds"])
+    if not isinstance(p["symmetric"], (bool, np.bool_)):
+        raise ValueError(f"symmetric must be true or false, got {p['symmetric']!r}")
+    p["symmetric"] = bool(p["symmetric"])
     for k, allowed in (("mode", MODES), ("metric", METRICS), ("act_search", ACT_SEARCHES)):
         if p[k] not in allowed:
             raise ValueError(f"{k} must be one of {', '.join(allowed)}, got {p[k]!r}")
@@ -133,14 +141,15 @@ class LayerProblem:
     """A layer, its calibration input ``x`` and float target ``Y*``: outputs, metrics and the
     im2col statistics the weight search needs."""
 
-    def __init__(self, layer: GemmLayer, x: torch.Tensor, target: torch.Tensor, a_bits: int):
+    def __init__(self, layer: GemmLayer, x: torch.Tensor, target: torch.Tensor, a_bits: int,
+                 symmetric: bool = False):
         self.layer = layer
         fmt = torch.channels_last if layer.kind == "conv" else torch.contiguous_format
         # channels-last: the oneDNN convolution of the activation search is ~3x faster
         self.x = x.detach().to(torch.float32).contiguous(memory_format=fmt)
         self.target = target.detach().to(torch.float32).contiguous(memory_format=fmt)
         self.a_bits = a_bits
-        self.lo, self.hi = qrange(a_bits)
+        self.lo, self.hi = qrange(a_bits, symmetric)
         self.O, self.K = layer.O, layer.K
         b = layer.bias
         self.bias = (b.detach().to(torch.float64).numpy() if b is not None
@@ -424,11 +433,13 @@ def _pick(vals: np.ndarray, cur: np.ndarray, tol):
 
 
 def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, rounds: int,
-               evaluator, metric: str, t2: float = 1.0) -> tuple[np.ndarray, dict]:
+               evaluator, metric: str, t2: float = 1.0,
+               symmetric: bool = False) -> tuple[np.ndarray, dict]:
     """Greedy coordinate descent over the tile scales of the O x K matrix ``W``.
 
     ``evaluator`` gives, for the candidates of one column block, per-row-block error terms
-    (``_GramEval`` or ``_DirectEval``). Returns (scales, info).
+    (``_GramEval`` or ``_DirectEval``). Returns (scales, info). ``symmetric``: integers in
+    ``[-(2^(b-1)-1), 2^(b-1)-1]``.
 
     Ties: a tile moves only to a candidate better than its current scale by more than the
     tolerance; among candidates within the tolerance of the best, the lowest index wins.
@@ -439,7 +450,7 @@ def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, 
     with ``q * s`` equal for two candidates, an all-zero input feature, ...).
     """
     W = np.asarray(W, dtype=np.float64)
-    lo, hi = qrange(w_bits)
+    lo, hi = qrange(w_bits, symmetric)
     S0 = max_scales(W, grid, w_bits)
     cands = factors[:, None, None] * S0[None]               # (n, nrb, ncb)
     n = len(factors)
@@ -502,9 +513,10 @@ def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, 
 # calibration methods
 # --------------------------------------------------------------------------------------------
 
-def _dequant(W, grid, S, bits):
+def _dequant(W, grid, S, bits, symmetric: bool = False):
     """Dequantized weights exactly as ``GemmLayer.set_quant`` forms them (float32)."""
-    return quantize_weight(W, grid, S, bits).astype(np.float32) * grid.expand(S).astype(np.float32)
+    return (quantize_weight(W, grid, S, bits, symmetric).astype(np.float32)
+            * grid.expand(S).astype(np.float32))
 
 
 def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_bits: int,
@@ -515,14 +527,15 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     p = check_params(params)
     metric, t_start = p["metric"], time.perf_counter()
     grid = gran.resolve(layer.O, layer.K)
-    prob = LayerProblem(layer, x, target, a_bits)
+    sym = p["symmetric"]
+    prob = LayerProblem(layer, x, target, a_bits, sym)
     W32 = layer.weight_matrix()
     W = W32.astype(np.float64)
     factors = candidate_factors(p)
     s_max = float(max_scale(prob.x_absmax, a_bits))
     act_grid = factors * s_max
     S_max = max_scales(W, grid, w_bits)
-    W_max = _dequant(W, grid, S_max, w_bits)
+    W_max = _dequant(W, grid, S_max, w_bits, sym)
     times = {}
 
     # 1. activation scale with float weights
@@ -539,9 +552,9 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
         ev = _DirectEval(Xq, Y, prob.bias, metric)
     times["stats_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    S, ainfo = algorithm1(W, grid, w_bits, factors, p["rounds"], ev, metric, prob.t2)
+    S, ainfo = algorithm1(W, grid, w_bits, factors, p["rounds"], ev, metric, prob.t2, sym)
     times["search_s"] = time.perf_counter() - t0
-    W_hat = _dequant(W, grid, S, w_bits)
+    W_hat = _dequant(W, grid, S, w_bits, sym)
 
     # 3. activation scale again with the quantized weights
     t0 = time.perf_counter()
@@ -561,14 +574,16 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     if metric == "euclidean" and prob.t2 > 0:
         info["rel_err"] = e3 / math.sqrt(prob.t2)
         info["rel_err_max"] = err_max / math.sqrt(prob.t2)
-    return LayerQuant(grid, S, float(s3), w_bits, a_bits, info=info)
+    info["symmetric"] = sym
+    return LayerQuant(grid, S, float(s3), w_bits, a_bits, info=info, symmetric=sym)
 
 
-def mse_scales(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray) -> np.ndarray:
+def mse_scales(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray,
+               symmetric: bool = False) -> np.ndarray:
     """Per tile, the scale among the max init and ``factors * init`` minimizing
     ``||W_ij - W^_ij||^2`` (the init wins ties, then the lowest candidate index)."""
     W = np.asarray(W, dtype=np.float64)
-    lo, hi = qrange(w_bits)
+    lo, hi = qrange(w_bits, symmetric)
     S0 = max_scales(W, grid, w_bits)
     rb_starts, cb_starts = np.arange(0, grid.O, grid.r), grid.col_bounds()[:-1]
 
@@ -598,9 +613,10 @@ def mse_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_b
     """Weight-only MSE search per tile; activation scale by max calibration."""
     p = check_params(params)
     grid = gran.resolve(layer.O, layer.K)
-    S = mse_scales(layer.weight_matrix(), grid, w_bits, candidate_factors(p))
+    S = mse_scales(layer.weight_matrix(), grid, w_bits, candidate_factors(p), p["symmetric"])
     act_scale = float(max_scale(float(x.abs().max()), a_bits))
-    return LayerQuant(grid, S, act_scale, w_bits, a_bits, info={"method": "mse"})
+    return LayerQuant(grid, S, act_scale, w_bits, a_bits, info={"method": "mse"},
+                      symmetric=p["symmetric"])
 
 
 register_method("ptqsl", ptqsl_method, needs_target=True)

@@ -27,10 +27,13 @@ def check_bits(bits, what: str = "bits") -> int:
     return int(bits)
 
 
-def qrange(bits: int) -> tuple[int, int]:
-    """Signed integer range ``(-2^(b-1), 2^(b-1) - 1)`` of a b-bit quantizer."""
+def qrange(bits: int, symmetric: bool = False) -> tuple[int, int]:
+    """Signed integer range ``(-2^(b-1), 2^(b-1) - 1)`` of a b-bit quantizer;
+    ``symmetric``: ``(-(2^(b-1) - 1), 2^(b-1) - 1)`` (what crossbar arrays store: a magnitude
+    and a sign, or an offset code of ``2^b - 1`` levels)."""
     bits = check_bits(bits)
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    hi = (1 << (bits - 1)) - 1
+    return (-hi if symmetric else -hi - 1), hi
 
 
 def int_dtype(bits: int) -> np.dtype:
@@ -65,7 +68,7 @@ def _check_finite(x):
         raise ValueError(f"data to quantize contains {kind} values")
 
 
-def quantize(x, scale, bits: int, out_dtype=None):
+def quantize(x, scale, bits: int, out_dtype=None, symmetric: bool = False):
     """Eq. 1: ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)``.
 
     ``x`` is a numpy array or torch tensor; ``scale`` a positive scalar or an array that
@@ -73,9 +76,10 @@ def quantize(x, scale, bits: int, out_dtype=None):
     and torch give the same integers for the same data. Returns
     integers in the storage dtype of ``bits`` (int8 up to 8 bits, int16 above) unless
     ``out_dtype`` is given (e.g. ``np.float32`` for integer-valued floats ready for BLAS).
+    ``symmetric``: clamp to ``-(2^(b-1) - 1)`` below (``qrange``).
     """
     bits = check_bits(bits)
-    lo, hi = qrange(bits)
+    lo, hi = qrange(bits, symmetric)
     _check_finite(x)
     s = _check_scale(scale)
     if _is_torch(x):
@@ -269,9 +273,9 @@ def max_scales(w, grid: TileGrid, bits: int) -> np.ndarray:
     return max_scale(grid.block_absmax(w), bits)
 
 
-def quantize_weight(w, grid: TileGrid, scales, bits: int) -> np.ndarray:
+def quantize_weight(w, grid: TileGrid, scales, bits: int, symmetric: bool = False) -> np.ndarray:
     """Quantize an O x K weight matrix tile by tile with its ``grid.shape`` scale array."""
     w = np.asarray(w)
     if w.shape != (grid.O, grid.K):
         raise ValueError(f"matrix shape {w.shape} != grid {grid.O}x{grid.K}")
-    return quantize(w, grid.expand(scales), bits)
+    return quantize(w, grid.expand(scales), bits, symmetric=symmetric)

@@ -535,12 +535,13 @@ def gram_error(W_hat: np.ndarray, st: dict, bias: np.ndarray) -> float:
 
 
 def ptqsl_weight_error(W: np.ndarray, grid, w_bits: int, factors: np.ndarray, rounds: int,
-                       st: dict, bias: np.ndarray) -> tuple[float, np.ndarray]:
+                       st: dict, bias: np.ndarray,
+                       symmetric: bool = False) -> tuple[float, np.ndarray]:
     """Algorithm 1 (Euclidean) on Gram statistics, then the resulting output error and scales."""
     from .ptqsl import _GramEval, _fake, algorithm1
     S, _ = algorithm1(W, grid, w_bits, factors, rounds, _GramEval(st, bias, "euclidean"),
-                      "euclidean")
-    lo, hi = qrange(w_bits)
+                      "euclidean", symmetric=symmetric)
+    lo, hi = qrange(w_bits, symmetric)
     return gram_error(_fake(W, grid.expand(S), lo, hi), st, bias), S
 
 
@@ -555,9 +556,9 @@ class LayerScorer:
         p = check_params({**(params or {}), "metric": "euclidean", "mode": "gram"})
         self.name, self.kk = layer.name, _kk(layer)
         self.grid = gran.resolve(layer.O, layer.K)
-        self.w_bits, self.rounds = w_bits, p["rounds"]
+        self.w_bits, self.rounds, self.symmetric = w_bits, p["rounds"], p["symmetric"]
         self.factors = candidate_factors(p)
-        prob = LayerProblem(layer, x, target, a_bits)
+        prob = LayerProblem(layer, x, target, a_bits, self.symmetric)
         W32 = layer.weight_matrix()
         self.W = W32.astype(np.float64)
         s_max = float(max_scale(prob.x_absmax, a_bits))
@@ -576,7 +577,8 @@ class LayerScorer:
             W = W[rows]
         if cols is not None:
             W = W[:, cols]
-        return ptqsl_weight_error(W, self.grid, self.w_bits, self.factors, self.rounds, st, b)[0]
+        return ptqsl_weight_error(W, self.grid, self.w_bits, self.factors, self.rounds, st, b,
+                                  self.symmetric)[0]
 
 
 class SegmentScorer:
@@ -621,8 +623,9 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
     """Calibrate the named layers (in network order, each seeing the earlier quantized layers
     in fake mode) in one forward pass that stops after ``stop_after`` (default: the last named
     layer). Returns ``{name: (input, float target)}`` for the layers in ``record``."""
-    from .calibrate import _METHOD_FNS, NEEDS_TARGET, record_float_outputs
+    from .calibrate import _METHOD_FNS, NEEDS_TARGET, record_float_outputs, symmetric_quant
     fn = _METHOD_FNS[method]
+    sym = bool((params or {}).get("symmetric", False))
     names = [l.name for l in net.layers if l.name in set(names)]
     need = set(record) | (set(names) if method in NEEDS_TARGET else set())
     targets = record_float_outputs(net, images, need) if need else {}
@@ -638,7 +641,8 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
         if layer.name in record:
             kept[layer.name] = (x, t)
         if layer.name in names:
-            layer.set_quant(fn(layer, x, t, gran, w_bits, a_bits, dict(params or {})))
+            layer.set_quant(symmetric_quant(fn(layer, x, t, gran, w_bits, a_bits,
+                                               dict(params or {})), sym))
             layer.mode = "fake"
         if layer.name == last:
             raise _Stop
@@ -717,8 +721,10 @@ def evolve_segment(scorer: SegmentScorer, sizes: dict, base: dict, population: i
 def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
            method: str = "ptqsl", params: dict | None = None, float_layers="auto",
            population: int = 20, generations: int = 30, swaps: int = 2, seed: int = 0,
-           progress: bool = True, reorderer: Reorderer | None = None) -> dict:
+           progress: bool = True, reorderer: Reorderer | None = None,
+           symmetric: bool = False) -> dict:
     """Evolutionary channel reordering per segment, in network order (module docstring).
+    ``symmetric``: calibrate and score in the symmetric integer range of crossbar arrays.
 
     Leaves ``net`` with the chosen joint orders and every non-float layer calibrated by
     ``method``. Returns ``{"method", "orders", "segments", "search_s", "scoring_s", ...}``
@@ -735,7 +741,8 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
         l.clear_quant()
     pos = {l.name: i for i, l in enumerate(net.layers)}
     rng = np.random.default_rng(seed)
-    calib_params = {**(params or {})}
+    from .calibrate import method_params
+    calib_params = method_params(params, symmetric)
     search_params = {k: v for k, v in calib_params.items() if k != "metric"}
     seg_info = []
     bar = tqdm(total=generations * len(segs), desc="reorder (evolution)", disable=not progress,

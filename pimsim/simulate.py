@@ -55,6 +55,12 @@ def evaluate(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch
     return float((preds == labels).mean()), preds
 
 
+def symmetric_range(cfg) -> bool:
+    """True when the config has a ``crossbar:`` section: the arrays store integers in
+    ``[-(2^(b-1)-1), 2^(b-1)-1]``, so calibration searches its scales for that range."""
+    return getattr(cfg, "crossbar", None) is not None
+
+
 def quantize_network(prep: Prepared, progress: bool = True) -> dict:
     """Calibrate ``prep.net`` as the config says; returns calibration info."""
     cfg = prep.cfg
@@ -62,7 +68,8 @@ def quantize_network(prep: Prepared, progress: bool = True) -> dict:
     params = {**cfg["quant.search"], "metric": cfg["quant.metric"]}
     return calibrate(prep.net, to_tensor(calib), cfg.granularity, cfg["quant.weight_bits"],
                      cfg["quant.act_bits"], method=cfg["quant.calibration"],
-                     float_layers=cfg["quant.float_layers"], progress=progress, params=params)
+                     float_layers=cfg["quant.float_layers"], progress=progress, params=params,
+                     symmetric=symmetric_range(cfg))
 
 
 def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
@@ -87,7 +94,8 @@ def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
                       params={**cfg["quant.search"], "metric": cfg["quant.metric"]},
                       float_layers=cfg["quant.float_layers"], population=cfg["reorder.population"],
                       generations=cfg["reorder.generations"], swaps=cfg["reorder.swaps"],
-                      seed=cfg["reorder.seed"], progress=progress, reorderer=ro)
+                      seed=cfg["reorder.seed"], progress=progress, reorderer=ro,
+                      symmetric=symmetric_range(cfg))
     info["frozen_groups"] = {g.name: g.frozen for g in ro.groups if not g.free}
     info["search_s"] = time.perf_counter() - t0
     return info

@@ -74,7 +74,7 @@ def test_methods_registered():
 def test_defaults():
     p = ptqsl.check_params({})
     assert p == {"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3, "mode": "gram",
-                 "metric": "euclidean", "act_search": "golden"}
+                 "metric": "euclidean", "act_search": "golden", "symmetric": False}
     f = ptqsl.candidate_factors(p)
     assert len(f) == 100 and f[0] == 0.5 and f[-1] == pytest.approx(1.2)
 
@@ -85,6 +85,7 @@ def test_defaults():
     ("candidates", 0), ("candidates", 2.5), ("candidates", True),
     ("rounds", 0), ("rounds", "3"),
     ("mode", "fast"), ("metric", "l1"), ("act_search", "brent"), ("bogus", 1),
+    ("symmetric", 1), ("symmetric", "yes"),
 ])
 def test_bad_params(key, value):
     with pytest.raises(ValueError, match=key):
