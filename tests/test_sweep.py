@@ -235,7 +235,8 @@ def test_dask_and_local_processes_give_identical_rows(tmp_path):
     sw = parse({"base": str(DEFAULT_YAML), "set": FAST, "grid": grid}, str(tmp_path / "s.yaml"))
     local, dask = tmp_path / "local.csv", tmp_path / "dask.csv"
     run_sweep(sw, out=local, workers=2, progress=False)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+    # a separate worker process reached through the scheduler's address, as on a real cluster
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
         run_sweep(sw, out=dask, scheduler=cluster.scheduler_address, progress=False)
     strip = lambda rows: sorted(({k: v for k, v in r.items() if k not in TIMING_COLUMNS}  # noqa
