@@ -27,14 +27,7 @@ PROP = settings(deadline=None, max_examples=150, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads slow these tests down up to
-    10x whenever other jobs are running (threads waiting for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_layer(kind, O, C, k=3, stride=1, padding=1, dilation=1, seed=0):
