@@ -102,10 +102,11 @@ def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
 
 
 def layer_table(net: Network) -> list[dict]:
-    """One entry per quantized layer: name, O, K, tile (r, c) and number of scales."""
+    """One entry per quantized layer: name, O, K, tile (r, c), number of scales and whether its
+    integers use the symmetric (crossbar) range."""
     keys = ("err_max", "err", "rounds", "fallback")
     return [{"name": l.name, "O": l.O, "K": l.K, "tile": [l.quant.grid.r, l.quant.grid.c],
-             "scales": int(l.quant.grid.n_tiles),
+             "scales": int(l.quant.grid.n_tiles), "symmetric": bool(l.quant.symmetric),
              "calib": {k: l.quant.info[k] for k in keys if k in l.quant.info}}
             for l in net.quantized_layers]
 
@@ -155,7 +156,8 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
 
 
 def setup_crossbar(prep: Prepared):
-    """With a ``crossbar:`` section: symmetric weights, the Mapping, an array operator per layer
+    """With a ``crossbar:`` section (the network already calibrated in the symmetric range): the
+    Mapping, an array operator per layer
     and, for backend crossbar with ``adc_range: calibrated``, the per-array ADC ranges fitted on
     the calibration batch (after quantization)."""
     from .crossbar import attach, fit_adc_ranges, reset_adc_stats

@@ -380,6 +380,7 @@ def test_run_isaac_reports_arrays_utilization_clips(tmp_path, adc_range):
     assert res["utilization"] == pytest.approx(552096 / (85 * 16384))
     assert 0.0 <= res["adc_clip_fraction"] <= 1.0
     assert len(res["layers"]) == 18
+    assert all(l["symmetric"] for l in res["layers"])   # calibrated in the arrays' range
     assert sum(l["arrays"] for l in res["layers"]) == 85
     assert all(0 <= l["adc_clip_fraction"] <= 1 for l in res["layers"])
     if adc_range == "full":
