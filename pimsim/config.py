@@ -399,7 +399,8 @@ def _positive_number(v):
 def _cost_schema() -> dict:
     from .cost import COST_KEYS
     checks = {"digital_lanes": _int_in(1), "input_passes": _int_in(1, 2),
-              "adc_ref_bits": _int_in(0, 16)}
+              "adc_ref_bits": _int_in(0, 16),
+              "overlap_digital": lambda v: None if isinstance(v, bool) else "must be true or false"}
     return {k: Key(d, checks.get(k, _positive_number), doc) for k, d, doc in COST_KEYS}
 
 

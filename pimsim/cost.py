@@ -43,9 +43,11 @@ energy   energy_pj = array_reads * array_read_pj + adc_conversions * adc_pj_eff
          resolution ceil(log2(full_range(crossbar.rows) + 1)) that resolves every column sum of a
          full array; adc_ref_bits = 0 turns the scaling off (adc_pj_eff = adc_pj).
 latency  layers run one after another, all arrays of a layer in parallel, output pixels one after
-         another: latency_ns = P * (cyc * cycle_ns + ceil(digital_ops / P / digital_lanes)
-         * digital_op_ns)  (the digital work of a pixel is not overlapped with the next pixel's
-         array cycles: a conservative, simple model)
+         another; per pixel a = cyc * cycle_ns of array cycles and d = ceil(digital_ops / P /
+         digital_lanes) * digital_op_ns of digital work: latency_ns = P * (a + d) (default: the
+         digital work of a pixel is not overlapped with the next pixel's array cycles, a
+         conservative model), or with overlap_digital: true a two-stage pipeline,
+         latency_ns = a + d + (P - 1) * max(a, d)
 
 Totals are sums over layers; ratios are recomputed from the summed figures. The per-operation
 constants are the YAML section ``cost:`` (pimsim.config.COST_KEYS; defaults cited there).
@@ -84,6 +86,9 @@ COST_KEYS = (
     ("digital_lanes", 128, "digital operations per step (multiply/add lanes)"),
     ("input_passes", 1, "bit-serial passes per input vector: 1 = non-negative (post-ReLU) "
                         "inputs, 2 = signed inputs (positive and negative parts)"),
+    ("overlap_digital", False, "true: a pixel's digital work (rescale, partial sums) overlaps "
+                               "the next pixel's array cycles (two-stage pipeline); false: one "
+                               "after the other (conservative)"),
 )
 
 
@@ -102,6 +107,7 @@ class CostParams:
     digital_op_ns: float = 1.0
     digital_lanes: int = 128
     input_passes: int = 1
+    overlap_digital: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "CostParams":
@@ -221,8 +227,10 @@ def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None)
     e = {"array": array_reads * params.array_read_pj, "adc": adc * adc_energy_pj(crossbar, params),
          "dac": dac * params.dac_pj, "mult": rescale * params.mult_pj,
          "add": (psum + shift_adds) * params.add_pj, "buffer": buffer * params.buffer_pj}
-    latency_ns = P * (cyc * params.cycle_ns
-                      + math.ceil(digital / P / params.digital_lanes) * params.digital_op_ns)
+    a_ns = cyc * params.cycle_ns
+    d_ns = math.ceil(digital / P / params.digital_lanes) * params.digital_op_ns
+    latency_ns = (a_ns + d_ns + (P - 1) * max(a_ns, d_ns) if params.overlap_digital
+                  else P * (a_ns + d_ns))
     out = {"name": lm.name, "O": O, "K": K, "pixels": P, "r": lm.r, "c": lm.c,
            "row_blocks": lm.row_blocks, "col_blocks": lm.col_blocks, "scales": scales,
            "weights": O * K, "weight_bits": weight_bits, "scale_bits": scale_bits,

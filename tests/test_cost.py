@@ -57,6 +57,11 @@ def test_small_network_counts_by_hand():
     ops = 96 + 1152 + 480 + 96 + (72 + 1152) + (80 + 24 + 96)
     assert b["energy_nj"] == pytest.approx(ops / 1e3)
     assert b["latency_us"] == pytest.approx(4 * (3 * 100 + 1) / 1e3)
+    # overlapped digital work: a two-stage pipeline over the 4 pixels, a = 300 ns, d = 1 ns
+    piped = network_cost(SHAPES, Granularity.tile(2, 5), 4, 4, XB,
+                         dataclasses.replace(UNIT, overlap_digital=True), strict=True)
+    assert piped["layers"][1]["latency_us"] == pytest.approx((300 + 1 + 3 * 300) / 1e3)
+    assert piped["layers"][1]["energy_nj"] == b["energy_nj"]
     t = res["totals"]
     assert t["scale_bits"] == 16 * 16 and t["weight_bits"] == 160 + 480
     assert t["scale_overhead"] == pytest.approx(256 / 640)
@@ -173,5 +178,7 @@ def test_adc_energy_scales_with_resolution():
     res = network_cost(SHAPES, Granularity.tile(2, 5), 4, 4, dataclasses.replace(XB, adc_bits=4),
                        flat)
     assert res["adc_pj"] == 1.5625
+    with pytest.raises(ConfigError, match="cost.overlap_digital: 1: must be true or false"):
+        validate({"cost": {"overlap_digital": 1}}, "x.yaml")
     with pytest.raises(ConfigError, match="cost.adc_ref_bits: 17: must be in 0..16"):
         validate({"cost": {"adc_ref_bits": 17}}, "x.yaml")
