@@ -125,8 +125,10 @@ def markdown(rows: dict, model: str, n_images: int, wbits_list, rdef: dict) -> l
         for g in ("m2r2", "m2r4", "m2r8", "m1"):
             a, b = top(wb, g, "none"), top(wb, g, "evolution")
             if a is not None and b is not None:
-                md.append(f"W{wb}A8 {g}: evolution {'improves' if b > a else 'does not improve'} "
-                          f"on the identity order by {b - a:+.2f} points.")
+                verb = ("improves on" if b > a else "lowers accuracy below" if b < a
+                        else "ties")
+                md.append(f"W{wb}A8 {g}: evolution {verb} the identity order ({b - a:+.2f} "
+                          f"points).")
     return md
 
 
