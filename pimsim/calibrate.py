@@ -26,16 +26,15 @@ def _max_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_
     grid = gran.resolve(layer.O, layer.K)
     w_scales = max_scales(layer.weight_matrix(), grid, w_bits)
     act_scale = float(max_scale(float(x.abs().max()), a_bits))
-    # the max init s = max|w| / (2^(b-1)-1) never reaches -2^(b-1): symmetric either way
-    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"},
-                      symmetric=bool((params or {}).get("symmetric", False)))
+    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"})
 
 
 # A method: fn(layer, x, target, gran, w_bits, a_bits, params) -> LayerQuant, where x is the
 # layer's input in the (partly) quantized network and target its float output (None unless the
 # method is listed in NEEDS_TARGET). ``params["symmetric"]`` (present only when true) asks for
-# integers in [-(2^(b-1)-1), 2^(b-1)-1]; a method that ignores it gets its weights clamped
-# to that range afterwards (``symmetric_quant``).
+# integers in [-(2^(b-1)-1), 2^(b-1)-1]; a method that ignores it (like ``max``, whose scales
+# max|w| / (2^(b-1)-1) never reach -2^(b-1)) gets its weights clamped to that range afterwards
+# (``quantize_layer``).
 _METHOD_FNS = {"max": _max_method}
 NEEDS_TARGET: set[str] = set()
 
@@ -90,6 +89,16 @@ def symmetric_quant(q: LayerQuant, symmetric: bool) -> LayerQuant:
     return dataclasses.replace(q, symmetric=True) if symmetric and not q.symmetric else q
 
 
+def quantize_layer(fn, layer: GemmLayer, x: torch.Tensor, target, gran: Granularity,
+                   w_bits: int, a_bits: int, params: dict) -> None:
+    """Quantize ``layer`` with method ``fn`` on its input ``x`` (and float output ``target``)
+    and put it in fake mode, so that its quantized output feeds the next layer.
+    ``params["symmetric"]`` holds whatever the method does with it."""
+    q = fn(layer, x, target, gran, w_bits, a_bits, params)
+    layer.set_quant(symmetric_quant(q, bool(params.get("symmetric", False))))
+    layer.mode = "fake"
+
+
 def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
               method: str = "max", float_layers="auto", progress: bool = True,
               params: dict | None = None, symmetric: bool = False) -> dict:
@@ -115,9 +124,7 @@ def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int
 
     def hook(layer: GemmLayer, x: torch.Tensor):
         layer.hook = None
-        q = fn(layer, x, targets.pop(layer.name, None), gran, w_bits, a_bits, params)
-        layer.set_quant(symmetric_quant(q, symmetric))
-        layer.mode = "fake"             # the quantized output feeds the next layer
+        quantize_layer(fn, layer, x, targets.pop(layer.name, None), gran, w_bits, a_bits, params)
         bar.update(1)
         return None
 

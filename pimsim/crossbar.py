@@ -575,11 +575,11 @@ def attach(net, crossbar: Crossbar, granularity: Granularity | None = None,
     their weights become symmetric (a weight at ``-2^(b-1)`` is stored as ``-(2^(b-1)-1)``, as
     the arrays cannot hold it; inputs are clamped the same way), the ``Mapping`` is built and
     every layer gets its ``CrossbarGemm`` (mode ``crossbar``). Returns the mapping."""
-    import dataclasses
+    from .calibrate import symmetric_quant
     for l in net.quantized_layers:
         if not l.quant.symmetric:
             mode = l.mode
-            l.set_quant(dataclasses.replace(l.quant, symmetric=True))
+            l.set_quant(symmetric_quant(l.quant, True))
             l.mode = mode
     mapping = Mapping.from_network(net, crossbar, strict=strict, granularity=granularity)
     for l in net.quantized_layers:

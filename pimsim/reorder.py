@@ -623,9 +623,9 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
     """Calibrate the named layers (in network order, each seeing the earlier quantized layers
     in fake mode) in one forward pass that stops after ``stop_after`` (default: the last named
     layer). Returns ``{name: (input, float target)}`` for the layers in ``record``."""
-    from .calibrate import _METHOD_FNS, NEEDS_TARGET, record_float_outputs, symmetric_quant
+    from .calibrate import _METHOD_FNS, NEEDS_TARGET, quantize_layer, record_float_outputs
     fn = _METHOD_FNS[method]
-    sym = bool((params or {}).get("symmetric", False))
+    params = dict(params or {})
     names = [l.name for l in net.layers if l.name in set(names)]
     need = set(record) | (set(names) if method in NEEDS_TARGET else set())
     targets = record_float_outputs(net, images, need) if need else {}
@@ -641,9 +641,7 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
         if layer.name in record:
             kept[layer.name] = (x, t)
         if layer.name in names:
-            layer.set_quant(symmetric_quant(fn(layer, x, t, gran, w_bits, a_bits,
-                                               dict(params or {})), sym))
-            layer.mode = "fake"
+            quantize_layer(fn, layer, x, t, gran, w_bits, a_bits, params)
         if layer.name == last:
             raise _Stop
         return None
@@ -730,7 +728,7 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
     ``method``. Returns ``{"method", "orders", "segments", "search_s", "scoring_s", ...}``
     (``search_s``: the whole call, calibrations included).
     """
-    from .calibrate import resolve_float_layers
+    from .calibrate import method_params, resolve_float_layers
     check_search_params(population, generations, swaps, seed)
     t_start = time.perf_counter()
     ro = reorderer or Reorderer(net)
@@ -741,7 +739,6 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
         l.clear_quant()
     pos = {l.name: i for i, l in enumerate(net.layers)}
     rng = np.random.default_rng(seed)
-    from .calibrate import method_params
     calib_params = method_params(params, symmetric)
     search_params = {k: v for k, v in calib_params.items() if k != "metric"}
     seg_info = []
