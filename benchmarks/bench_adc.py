@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from pimsim.config import load
 from pimsim.cost import config_cost
 from pimsim.crossbar import adc_stats, attach, fit_adc_ranges, reset_adc_stats
-from pimsim.data import calibration_set, load_cifar10, to_tensor
-from pimsim.simulate import evaluate, prepare, quantize_network, set_threads
+from pimsim.data import load_cifar10
+from pimsim.simulate import calibration_batch, evaluate, prepare, quantize_network, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -167,8 +167,7 @@ def main(argv=None) -> int:
         quantize_network(prep, progress=True)
         calib_s = time.perf_counter() - t0
         mapping = attach(net, xb0, cfg.granularity, strict=True)
-        calib = to_tensor(calibration_set(cfg["quant.calib_images"], cfg["quant.seed"],
-                                          prep.data_dir)[0])
+        calib = calibration_batch(prep)
         print(f"calibrated in {calib_s:.1f}s; {mapping.arrays} arrays, utilization "
               f"{100 * mapping.utilization:.1f}%", file=sys.stderr)
     if need_speed:

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from pimsim.calibrate import calibrate
 from pimsim.config import validate
-from pimsim.data import calibration_set, load_cifar10, to_tensor
+from pimsim.data import load_cifar10
 from pimsim.quant import Granularity
-from pimsim.simulate import evaluate, prepare, set_threads
+from pimsim.simulate import calibration_batch, evaluate, prepare, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 R_GRID = (16, 8, 4, 2, 1)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     prep = prepare(cfg)
     images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
-    calib = to_tensor(calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)[0])
+    calib = calibration_batch(prep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"granularity-{args.model}-W{args.wbits}A{args.abits}-{args.calibration}"

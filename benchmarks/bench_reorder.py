@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from pimsim.calibrate import calibrate
 from pimsim.config import defaults, validate
-from pimsim.data import calibration_set, load_cifar10, to_tensor
+from pimsim.data import load_cifar10
 from pimsim.quant import Granularity
 from pimsim.reorder import Reorderer, evolve
-from pimsim.simulate import evaluate, prepare, set_threads
+from pimsim.simulate import calibration_batch, calibration_params, evaluate, prepare, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRANS = {"channelwise": Granularity.channelwise(), "m2r2": Granularity.split(2, 2),
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     threads = set_threads(args.threads)
     prep = prepare(cfg)
     images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
-    calib = to_tensor(calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)[0])
+    calib = calibration_batch(prep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"-limit{args.limit}" if args.limit else ""
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             if o == "evolution":
                 res = evolve(net, calib, gran, wb, args.abits, method="ptqsl",
-                             params={**cfg["quant.search"], "metric": cfg["quant.metric"]},
+                             params=calibration_params(cfg),
                              population=rdef["population"], generations=rdef["generations"],
                              swaps=rdef["swaps"], seed=rdef["seed"], progress=True, reorderer=ro)
                 search_s = f"{res['search_s']:.1f}"
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                     ro.set_orders(ro.random_orders(np.random.default_rng(best[0])))
                     detail = f"random-order study seed {best[0]}"
                 calibrate(net, calib, gran, wb, args.abits, method="ptqsl", progress=False,
-                          params={**cfg["quant.search"], "metric": cfg["quant.metric"]})
+                          params=calibration_params(cfg))
             calib_s = time.perf_counter() - t0
             net.set_mode("fake")
             top1, _ = evaluate(net, images, labels, 500, progress=False)

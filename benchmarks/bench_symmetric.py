@@ -33,7 +33,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pimsim.calibrate import symmetric_quant
 from pimsim.config import load
+from pimsim.data import load_cifar10
 from pimsim.quant import qrange
 from pimsim.simulate import evaluate, prepare, quantize_network, set_threads
 
@@ -119,29 +121,20 @@ def main(argv=None) -> int:
                 cfg = load(PRESET, sets + [f"quant.tile={TILES[t]}".replace(" ", "")])
                 prep = prepare(cfg)
                 if images is None:
-                    from pimsim.data import load_cifar10
                     images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
                 net = prep.net
                 t0 = time.perf_counter()
-                if variant == "asymmetric":     # as if there were no crossbar section
-                    from pimsim.calibrate import calibrate
-                    from pimsim.data import calibration_set, to_tensor
-                    calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"],
-                                               prep.data_dir)
-                    calibrate(net, to_tensor(calib), cfg.granularity, wb, 8, method="ptqsl",
-                              float_layers=cfg["quant.float_layers"], progress=False,
-                              params={**cfg["quant.search"], "metric": cfg["quant.metric"]},
-                              symmetric=False)
-                else:
-                    quantize_network(prep, progress=False)
-                    assert all(l.quant.symmetric for l in net.quantized_layers)
+                # asymmetric: as if there were no crossbar section
+                quantize_network(prep, progress=False, symmetric=variant == "symmetric")
+                assert all(l.quant.symmetric == (variant == "symmetric")
+                           for l in net.quantized_layers)
                 calib_s = time.perf_counter() - t0
                 neg, tot = count_neg_end(net)
                 runs = [variant] if variant == "symmetric" else ["asymmetric", "clamped"]
                 for v in runs:
                     if v == "clamped":
                         for l in net.quantized_layers:
-                            l.set_quant(dataclasses.replace(l.quant, symmetric=True))
+                            l.set_quant(symmetric_quant(l.quant, True))
                     if (str(wb), t, v) in done:
                         continue
                     net.set_mode("kernel")

@@ -58,18 +58,32 @@ def evaluate(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch
 def symmetric_range(cfg) -> bool:
     """True when the config has a ``crossbar:`` section: the arrays store integers in
     ``[-(2^(b-1)-1), 2^(b-1)-1]``, so calibration searches its scales for that range."""
-    return getattr(cfg, "crossbar", None) is not None
+    return cfg.crossbar is not None
 
 
-def quantize_network(prep: Prepared, progress: bool = True) -> dict:
-    """Calibrate ``prep.net`` as the config says; returns calibration info."""
+def calibration_params(cfg) -> dict:
+    """The calibration method's options: ``quant.search.*`` and ``quant.metric``."""
+    return {**cfg["quant.search"], "metric": cfg["quant.metric"]}
+
+
+def calibration_batch(prep: Prepared) -> torch.Tensor:
+    """The configured calibration images (``quant.calib_images`` of data_batch_1, seed
+    ``quant.seed``) as a normalized tensor."""
     cfg = prep.cfg
-    calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)
-    params = {**cfg["quant.search"], "metric": cfg["quant.metric"]}
-    return calibrate(prep.net, to_tensor(calib), cfg.granularity, cfg["quant.weight_bits"],
+    return to_tensor(calibration_set(cfg["quant.calib_images"], cfg["quant.seed"],
+                                     prep.data_dir)[0])
+
+
+def quantize_network(prep: Prepared, progress: bool = True,
+                     symmetric: bool | None = None) -> dict:
+    """Calibrate ``prep.net`` as the config says; returns calibration info. ``symmetric``:
+    None = as the config implies (``symmetric_range``)."""
+    cfg = prep.cfg
+    return calibrate(prep.net, calibration_batch(prep), cfg.granularity, cfg["quant.weight_bits"],
                      cfg["quant.act_bits"], method=cfg["quant.calibration"],
-                     float_layers=cfg["quant.float_layers"], progress=progress, params=params,
-                     symmetric=symmetric_range(cfg))
+                     float_layers=cfg["quant.float_layers"], progress=progress,
+                     params=calibration_params(cfg),
+                     symmetric=symmetric_range(cfg) if symmetric is None else symmetric)
 
 
 def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
@@ -88,10 +102,9 @@ def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
         ro.set_orders(ro.random_orders(np.random.default_rng(cfg["reorder.seed"])))
         info = {"method": "random", "orders": ro.orders_json(), "seed": cfg["reorder.seed"]}
     else:
-        calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)
-        info = evolve(prep.net, to_tensor(calib), cfg.granularity, cfg["quant.weight_bits"],
+        info = evolve(prep.net, calibration_batch(prep), cfg.granularity, cfg["quant.weight_bits"],
                       cfg["quant.act_bits"], method=cfg["quant.calibration"],
-                      params={**cfg["quant.search"], "metric": cfg["quant.metric"]},
+                      params=calibration_params(cfg),
                       float_layers=cfg["quant.float_layers"], population=cfg["reorder.population"],
                       generations=cfg["reorder.generations"], swaps=cfg["reorder.swaps"],
                       seed=cfg["reorder.seed"], progress=progress, reorderer=ro,
@@ -157,16 +170,15 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
 
 def setup_crossbar(prep: Prepared):
     """With a ``crossbar:`` section (the network already calibrated in the symmetric range): the
-    Mapping, an array operator per layer
-    and, for backend crossbar with ``adc_range: calibrated``, the per-array ADC ranges fitted on
-    the calibration batch (after quantization)."""
+    Mapping, an array operator per layer and, for backend crossbar with ``adc_range:
+    calibrated``, the per-array ADC ranges fitted on the calibration batch (after
+    quantization)."""
     from .crossbar import attach, fit_adc_ranges, reset_adc_stats
     cfg = prep.cfg
     mapping = attach(prep.net, cfg.crossbar, cfg.granularity, strict=True)
     if cfg["eval.backend"] == "crossbar" and cfg.crossbar.adc_range == "calibrated" \
             and cfg.crossbar.adc_bits > 0:
-        calib, _ = calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)
-        fit_adc_ranges(prep.net, to_tensor(calib), cfg["eval.batch_size"])
+        fit_adc_ranges(prep.net, calibration_batch(prep), cfg["eval.batch_size"])
     reset_adc_stats(prep.net)
     return mapping
 
