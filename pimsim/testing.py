@@ -9,17 +9,6 @@ from pathlib import Path
 CHECKPOINT = "resnet20-cifar10jpg.th"
 
 
-def find_data(checkpoint: str = CHECKPOINT) -> Path | None:
-    """The data folder found the way ``pimsim run`` finds it (``$PIMSIM_DATA``, ``../shared/data``
-    beside the checkout, ...) if it holds CIFAR-10 and ``models/<checkpoint>``; else None."""
-    from .data import DataNotFoundError, find_data_dir
-    try:
-        d = find_data_dir()
-    except DataNotFoundError:
-        return None
-    return d if (d / "models" / checkpoint).is_file() else None
-
-
 def data_dir_or_skip(checkpoint: str = CHECKPOINT) -> Path:
     """The CIFAR-10 data folder, or ``pytest.skip`` with the reason (data or checkpoint missing)."""
     import pytest

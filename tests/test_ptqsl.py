@@ -17,12 +17,8 @@ import pimsim.calibrate as calib
 from pimsim import ptqsl
 from pimsim.network import GemmLayer
 from pimsim.quant import Granularity, max_scale, max_scales, qrange, quantize_weight
-from pimsim.testing import CHECKPOINT, find_data
+from pimsim.testing import CHECKPOINT, data_dir_or_skip
 
-DATA = find_data()           # found like `pimsim run` finds it; None where absent
-CKPT = DATA / "models" / CHECKPOINT if DATA else None
-HAVE_DATA = DATA is not None
-NO_DATA = f"needs CIFAR-10 and models/{CHECKPOINT} (../shared/data or $PIMSIM_DATA)"
 PROP = settings(deadline=None, max_examples=150, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -226,8 +222,9 @@ def _real_inputs(names, n_images):
     from pimsim.data import calibration_set, to_tensor
     from pimsim.models import build_model
     from pimsim.network import build_network
-    net = build_network(build_model("resnet20", checkpoint=CKPT))
-    imgs, _ = calibration_set(n_images, 0, DATA)
+    data = data_dir_or_skip()
+    net = build_network(build_model("resnet20", checkpoint=data / "models" / CHECKPOINT))
+    imgs, _ = calibration_set(n_images, 0, data)
     xs = {}
 
     def hook(layer, x):
@@ -243,7 +240,6 @@ def _real_inputs(names, n_images):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_gram_equals_direct_resnet20_layer():
     name = "layer2.1.conv1"
     net, xs = _real_inputs([name], 32)
@@ -384,16 +380,16 @@ def test_calibrate_small_network(metric):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_resnet20_ptqsl_beats_max():
     from pimsim.data import calibration_set, load_cifar10, to_tensor
     from pimsim.models import build_model
     from pimsim.network import build_network
     from pimsim.simulate import evaluate
-    net = build_network(build_model("resnet20", checkpoint=CKPT))
-    imgs, _ = calibration_set(128, 0, DATA)
+    data = data_dir_or_skip()
+    net = build_network(build_model("resnet20", checkpoint=data / "models" / CHECKPOINT))
+    imgs, _ = calibration_set(128, 0, data)
     x = to_tensor(imgs)
-    test_x, test_y = load_cifar10("test", DATA, limit=1000)
+    test_x, test_y = load_cifar10("test", data, limit=1000)
     gran = Granularity.channelwise()
     acc = {}
     for method in ("max", "ptqsl"):

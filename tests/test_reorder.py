@@ -23,12 +23,8 @@ from pimsim.network import GemmLayer, build_network
 from pimsim.ptqsl import (LayerProblem, _DirectEval, _fake, algorithm1, candidate_factors,
                           check_params)
 from pimsim.quant import Granularity, qrange
-from pimsim.testing import CHECKPOINT, find_data
+from pimsim.testing import CHECKPOINT, data_dir_or_skip, restored_threads
 
-DATA = find_data()           # found like `pimsim run` finds it; None where absent
-CKPT = DATA / "models" / CHECKPOINT if DATA else None
-HAVE_DATA = DATA is not None
-NO_DATA = f"needs CIFAR-10 and models/{CHECKPOINT} (../shared/data or $PIMSIM_DATA)"
 PROP = settings(deadline=None, max_examples=25, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -415,11 +411,11 @@ def test_config_reorder_defaults_and_errors():
 # real ResNet-20
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_real_resnet20_joint_orders_preserve_function():
     from pimsim.data import load_cifar10, to_tensor
-    net = build_network(build_model("resnet20", checkpoint=CKPT))
-    x = to_tensor(load_cifar10("test", DATA, limit=32)[0])
+    data = data_dir_or_skip()
+    net = build_network(build_model("resnet20", checkpoint=data / "models" / CHECKPOINT))
+    x = to_tensor(load_cifar10("test", data, limit=32)[0])
     with torch.no_grad():
         y0 = net(x)
     ro = R.Reorderer(net)
@@ -430,27 +426,21 @@ def test_real_resnet20_joint_orders_preserve_function():
     assert torch.equal(y1.argmax(1), y0.argmax(1))
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 def test_pimsim_run_evolution_writes_orders_and_runs_kernel_without_gather(tmp_path, capsys):
     import json
-
-    import numba
 
     from pimsim.cli import main
     from pimsim.config import load
     from pimsim.simulate import prepare, quantize_network, reorder_network
-    t_torch, t_numba = torch.get_num_threads(), numba.get_num_threads()
+    data_dir_or_skip()
     yaml = tmp_path / "c.yaml"
     yaml.write_text("quant: {tile: [4, null], splits: 4, calib_images: 16, "
                     "search: {candidates: 10, rounds: 1}}\n"
                     "reorder: {method: evolution, population: 4, generations: 1, seed: 7}\n"
                     "eval: {threads: 1}\n")
     out = tmp_path / "r.json"
-    try:
+    with restored_threads():
         assert main(["run", str(yaml), "--limit", "40", "--out", str(out), "-q"]) == 0
-    finally:
-        torch.set_num_threads(t_torch)
-        numba.set_num_threads(t_numba)
     assert "reorder evolution: 9 free channel group(s)" in capsys.readouterr().out
     ro = json.loads(out.read_text())["reorder"]
     assert ro["method"] == "evolution" and len(ro["orders"]) == 9
