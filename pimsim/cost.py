@@ -363,10 +363,9 @@ def format_table(res: dict) -> str:
     lines.append(f"arrays {t['arrays']}, utilization {100 * t['utilization']:.1f}%, "
                  f"energy {t['energy_nj']:.1f} nJ per inference ({eb}), "
                  f"latency {t['latency_us']:.1f} us")
-    if "adc_bits" in res:
-        lines.append(f"ADC: {res['adc_bits']}-bit"
-                     + (" (lossless for an ideal ADC)" if not res["crossbar"]["adc_bits"] else "")
-                     + f", {res['adc_pj']:.4g} pJ per conversion")
+    lines.append(f"ADC: {res['adc_bits']}-bit"
+                 + (" (lossless for an ideal ADC)" if not res["crossbar"]["adc_bits"] else "")
+                 + f", {res['adc_pj']:.4g} pJ per conversion")
     return "\n".join(lines)
 
 
