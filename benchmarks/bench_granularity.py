@@ -1,41 +1,35 @@
-"""The paper's granularity study (its Tables 1-4) on a real CIFAR ResNet.
+"""The paper's granularity study (its Tables 1-4) on a real CIFAR ResNet, over calibration seeds.
 
     python benchmarks/bench_granularity.py --model resnet20 [--wbits 4 --abits 8]
-        [--calibration ptqsl] [--limit N] [--grids method1 method2 extremes] [--out DIR]
+        [--calibration ptqsl] [--seeds 0 1 2] [--limit N] [--grids method1 method2 extremes]
+        [--threads T] [--out DIR]
 
 Method 1: every layer uses the same r x c (r in 16,8,4,2,1 x c in 576,288,144,72,36);
 Method 2: r rows, c = ceil(K/m) (r in 16,8,4,2,1 x m in 1,2,4,8,16); plus channelwise and
-layerwise. Each point: calibrate (128 images of data_batch_1, seed 0; first and last layer in
-float), then top-1 on the test set with the fake-quant path (which the tests show agrees with
-the exact kernel path). One CSV row per point is appended as soon as it finishes; a rerun only
-computes the points missing from the CSV, so an interrupted study loses nothing. Writes
-DIR/granularity-<model>-W<b>A<b>-<calibration>.{csv,md} and a heatmap PNG per grid.
+layerwise. Each point and seed: calibrate (128 images of data_batch_1 drawn with ``quant.seed``
+= the seed; first and last layer in float), then top-1 on the test set with the fake-quant path
+(which the tests show agrees with the exact kernel path). One CSV row per point and seed is
+appended as soon as it finishes (benchmarks/harness.py); a rerun only computes what is missing.
+Writes DIR/granularity-<model>-W<b>A<b>-<calibration>.{csv,md} (tables of mean ± sd over the
+seeds, the paper's findings per seed and over seeds, wins / ties / losses) and a heatmap PNG of
+the seed means per grid.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
-import time
-from pathlib import Path
+from collections import defaultdict
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from pimsim.calibrate import calibrate
-from pimsim.config import validate
-from pimsim.data import load_cifar10
-from pimsim.quant import Granularity
-from pimsim.simulate import calibration_batch, evaluate, prepare, set_threads
+from harness import Bench, common_args, granularity, log, mean_sd, pm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 R_GRID = (16, 8, 4, 2, 1)
 C_GRID = (576, 288, 144, 72, 36)
 M_GRID = (1, 2, 4, 8, 16)
-FIELDS = ["model", "wbits", "abits", "calibration", "method", "r", "c", "m", "scales", "top1",
-          "calibration_s", "images"]
+FIELDS = ["model", "wbits", "abits", "calibration", "method", "r", "c", "m", "seed", "scales",
+          "top1", "calibration_s", "images"]
 
 
 def grid_points(grids) -> list[tuple[str, int | None, int | None, int | None]]:
@@ -50,81 +44,115 @@ def grid_points(grids) -> list[tuple[str, int | None, int | None, int | None]]:
     return pts
 
 
-def granularity(method, r, c, m) -> Granularity:
-    if method == "channelwise":
-        return Granularity.channelwise()
-    if method == "layerwise":
-        return Granularity.layerwise()
-    return Granularity.tile(r, c) if method == "method1" else Granularity.split(r, m)
-
-
 def _s(v) -> str:
     """A CSV cell as text: None is the empty cell."""
     return "" if v is None else str(v)
 
 
-def _key(row) -> tuple:
+def point_name(seed, method, r=None, c=None, m=None) -> str:
+    return f"seed={seed}/{method}/r={_s(r)}/c={_s(c)}/m={_s(m)}"
+
+
+def _gkey(row) -> tuple:
+    """A row's granularity, seeds aside: (method, r, c, m) as CSV text."""
     return (row["method"], _s(row["r"]), _s(row["c"]), _s(row["m"]))
 
 
-def _point_key(method, r, c=None, m=None) -> tuple:
-    return (method, _s(r), _s(c), _s(m))
+def by_point(rows) -> dict:
+    """{(method, r, c, m): {seed: top1}} of the CSV rows."""
+    out = defaultdict(dict)
+    for row in rows:
+        out[_gkey(row)][int(row["seed"])] = float(row["top1"])
+    return out
 
 
-def read_done(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        return {_key(row): row for row in csv.DictReader(f)}
+def _cell_key(method, r, col):
+    return (method, _s(r), *((_s(col), "") if method == "method1" else ("", _s(col))))
 
 
-def table(rows: dict, method: str, cols, col_name: str) -> list[str]:
-    """A markdown table shaped like the paper's: rows r, columns c (Method 1) or m (Method 2)."""
+def table(acc: dict, method: str, cols, col_name: str) -> list[str]:
+    """A markdown table shaped like the paper's: rows r, columns c (Method 1) or m (Method 2);
+    cells: top-1 mean ± sd over the seeds."""
     head = f"| r \\ {col_name} | " + " | ".join(str(c) for c in cols) + " |"
     out = [head, "|---" * (len(cols) + 1) + "|"]
     for r in R_GRID:
-        cells = []
-        for c in cols:
-            key = _point_key(method, r, *((c, None) if method == "method1" else (None, c)))
-            cells.append(f"{100 * float(rows[key]['top1']):.2f}" if key in rows else "-")
+        cells = [pm(acc.get(_cell_key(method, r, c), {}).values()) for c in cols]
         out.append(f"| {r} | " + " | ".join(cells) + " |")
     return out
 
 
-def findings(rows: dict) -> list[str]:
-    """The paper's two Method 1 findings, computed: correlation of top-1 with log2(r*c), and
-    how often fewer rows win at a fixed r*c."""
-    m1 = [(int(v["r"]), int(v["c"]), float(v["top1"])) for k, v in rows.items()
-          if k[0] == "method1"]
-    if len(m1) < 3:
-        return []
-    size = np.log2([r * c for r, c, _ in m1])
-    acc = np.array([t for _, _, t in m1])
-    pearson = float(np.corrcoef(size, acc)[0, 1])
-    wins = total = 0
-    for i, (ri, ci, ti) in enumerate(m1):
-        for rj, cj, tj in m1[i + 1:]:
-            if ri * ci == rj * cj and ri != rj:
-                total += 1
-                wins += (ti > tj) == (ri < rj)
-    out = [f"Method 1: Pearson correlation of top-1 with log2(r*c): **{pearson:.2f}** "
-           f"(paper: -0.92 to -0.95 on ImageNet)."]
-    if total:
-        out.append(f"At equal r*c, the tile with fewer rows is more accurate in {wins} of {total} "
-                   "pairs (paper: fewer rows is better).")
-    return out + [""]
+def fewer_rows(m1: dict, seeds) -> dict:
+    """Pairs at equal r*c with different r: per seed, (wins, ties, losses) of the tile with
+    fewer rows (a tie is a tie: the same number of test images right); over seeds, pairs whose
+    mean difference exceeds its seed-to-seed sd (``wins_beyond_sd`` / ``losses_beyond_sd``)."""
+    pts = sorted(m1)
+    pairs = [(a, b) for i, a in enumerate(pts) for b in pts[i + 1:]
+             if a[0] * a[1] == b[0] * b[1] and a[0] != b[0]]
+    per_seed = {}
+    for s in seeds:
+        w = t = l = 0
+        for a, b in pairs:
+            few, many = (a, b) if a[0] < b[0] else (b, a)
+            d = m1[few][s] - m1[many][s]
+            if abs(d) < 1e-9:
+                t += 1
+            elif d > 0:
+                w += 1
+            else:
+                l += 1
+        per_seed[s] = (w, t, l)
+    beyond_w = beyond_l = 0
+    if len(seeds) > 1:
+        for a, b in pairs:
+            few, many = (a, b) if a[0] < b[0] else (b, a)
+            m, sd = mean_sd([m1[few][s] - m1[many][s] for s in seeds])
+            beyond_w += m > sd
+            beyond_l += -m > sd
+    return {"pairs": len(pairs), "per_seed": per_seed, "wins_beyond_sd": beyond_w,
+            "losses_beyond_sd": beyond_l}
 
 
-def heatmap(rows: dict, method: str, cols, col_name: str, title: str, path: Path) -> None:
+def findings(acc: dict, seeds) -> list[str]:
+    """The paper's findings, computed per seed and summarized over seeds: Pearson correlation of
+    Method 1 top-1 with log2(r*c); fewer rows at equal r*c (wins / ties / losses); Method 2 with
+    m = r against channelwise."""
+    seeds = [s for s in seeds if all(s in v for v in acc.values())]
+    m1 = {(int(k[1]), int(k[2])): v for k, v in acc.items() if k[0] == "method1"}
+    out = []
+    if len(m1) >= 3 and seeds:
+        size = np.log2([r * c for r, c in m1])
+        rs = [float(np.corrcoef(size, [m1[p][s] for p in m1])[0, 1]) for s in seeds]
+        out.append(f"Method 1: Pearson correlation of top-1 with log2(r*c): **{pm(rs, 1)}** "
+                   f"over seeds {', '.join(map(str, seeds))} (per seed: "
+                   f"{', '.join(f'{r:.2f}' for r in rs)}; paper: -0.92 to -0.95 on ImageNet).")
+        fr = fewer_rows(m1, seeds)
+        per = "; ".join(f"seed {s}: {w} / {t} / {l}" for s, (w, t, l) in fr["per_seed"].items())
+        out.append(f"At equal r*c, the tile with fewer rows: wins / ties / losses of {fr['pairs']} "
+                   f"pairs: {per} (paper: fewer rows is better).")
+        if len(seeds) > 1:
+            out.append(f"Over the seeds, fewer rows is ahead by more than the seed-to-seed sd of "
+                       f"the difference in {fr['wins_beyond_sd']} pairs, behind by more than it in "
+                       f"{fr['losses_beyond_sd']}, within it in "
+                       f"{fr['pairs'] - fr['wins_beyond_sd'] - fr['losses_beyond_sd']}.")
+    cw = acc.get(("channelwise", "", "", ""))
+    diag = [(r, acc.get(("method2", _s(r), "", _s(r)))) for r in R_GRID if r > 1]
+    if cw and seeds and all(v for _, v in diag):
+        cells = [f"r = {r}: {pm([v[s] - cw[s] for s in seeds])}" for r, v in diag]
+        out.append("Method 2 with m = r (the channelwise number of scales) minus channelwise, "
+                   "points, mean ± sd over seeds: " + "; ".join(cells) + ".")
+    return out + [""] if out else []
+
+
+def heatmap(acc: dict, method: str, cols, col_name: str, title: str, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     a = np.full((len(R_GRID), len(cols)), np.nan)
     for i, r in enumerate(R_GRID):
         for j, c in enumerate(cols):
-            key = _point_key(method, r, *((c, None) if method == "method1" else (None, c)))
-            if key in rows:
-                a[i, j] = 100 * float(rows[key]["top1"])
+            v = acc.get(_cell_key(method, r, c))
+            if v:
+                a[i, j] = 100 * float(np.mean(list(v.values())))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     im = ax.imshow(a, cmap="viridis")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
@@ -136,7 +164,7 @@ def heatmap(rows: dict, method: str, cols, col_name: str, title: str, path: Path
         for j in range(a.shape[1]):
             if not np.isnan(a[i, j]):
                 ax.text(j, i, f"{a[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax, label="top-1 (%)")
+    fig.colorbar(im, ax=ax, label="top-1 (%), mean over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -150,64 +178,46 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", default="ptqsl")
     ap.add_argument("--grids", nargs="+", default=["extremes", "method1", "method2"],
                     choices=["extremes", "method1", "method2"])
-    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch/Numba threads (default 0 = all cores; 1 on a shared machine)")
+    common_args(ap, seeds=(0, 1, 2))
     args = ap.parse_args(argv)
 
-    cfg = validate({"model": {"name": args.model},
-                    "quant": {"weight_bits": args.wbits, "act_bits": args.abits}})
-    set_threads(args.threads)
-    prep = prepare(cfg)
-    images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
-    calib = calibration_batch(prep)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    prep = bench.prepare(args.model, weight_bits=args.wbits, act_bits=args.abits)
     stem = f"granularity-{args.model}-W{args.wbits}A{args.abits}-{args.calibration}"
-    csv_path = out / f"{stem}.csv"
-    done = read_done(csv_path)
-    todo = [p for p in grid_points(args.grids) if _point_key(*p) not in done]
-    print(f"{len(done)} points done, {len(todo)} to compute -> {csv_path}", file=sys.stderr)
-    net = prep.net
-    new_file = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            w.writeheader()
-        for method, r, c, m in tqdm(todo, desc=stem, unit="point"):
-            gran = granularity(method, r, c, m)
-            t0 = time.perf_counter()
-            calibrate(net, calib, gran, args.wbits, args.abits, method=args.calibration,
-                      progress=False)
-            calib_s = time.perf_counter() - t0
-            net.set_mode("fake")
-            top1, _ = evaluate(net, images, labels, 500, progress=False)
-            row = {"model": args.model, "wbits": args.wbits, "abits": args.abits,
-                   "calibration": args.calibration, "method": method, "r": r, "c": c, "m": m,
-                   "scales": sum(l.quant.grid.n_tiles for l in net.quantized_layers),
-                   "top1": f"{top1:.4f}", "calibration_s": f"{calib_s:.2f}",
-                   "images": len(images)}
-            w.writerow(row)
-            f.flush()
-            done[_key(row)] = {k: _s(v) for k, v in row.items()}
-    rows = done
+    if args.limit:
+        stem += f"-limit{args.limit}"
+    res = bench.results(f"{stem}.csv", FIELDS)
+    todo = [(s, p) for s in args.seeds for p in grid_points(args.grids)
+            if point_name(s, *p) not in res]
+    log(f"{len(res.file.done)} points done, {len(todo)} to compute -> {res.path}")
+    for seed, (method, r, c, m) in tqdm(todo, desc=stem, unit="point"):
+        got = bench.point(prep, granularity(method, r, c, m), args.wbits, args.abits,
+                          args.calibration, seed)
+        res.append({"point": point_name(seed, method, r, c, m), "model": args.model,
+                    "wbits": args.wbits, "abits": args.abits, "calibration": args.calibration,
+                    "method": method, "r": _s(r), "c": _s(c), "m": _s(m), "seed": seed, **got})
+    rows = res.rows()
+    acc = by_point(rows)
+    seeds = sorted({int(r["seed"]) for r in rows})
+    images = sorted({r["images"] for r in rows})
     title = f"{args.model} W{args.wbits}A{args.abits} {args.calibration}"
     md = [f"# Granularity study: {title}", "",
-          f"Top-1 (%) on {len(images)} CIFAR-10 test images; {cfg['quant.calib_images']} "
-          "calibration images; first and last layer in float.", ""]
+          f"Top-1 (%) on {'/'.join(images)} CIFAR-10 test images, mean ± sd over calibration "
+          f"seeds {', '.join(map(str, seeds))} (quant.seed; 128 calibration images of "
+          "data_batch_1 each); first and last layer in float; fake-quant path.", ""]
     for method, cols, name in (("method1", C_GRID, "c"), ("method2", M_GRID, "m")):
-        if any(k[0] == method for k in rows):
+        if any(k[0] == method for k in acc):
             md += [f"## {'Method 1: r x c' if method == 'method1' else 'Method 2: r x ceil(K/m)'}",
-                   ""] + table(rows, method, cols, name) + [""]
-            heatmap(rows, method, cols, name, f"{title}: {method}", out / f"{stem}-{method}.png")
-    md += findings(rows)
-    extra = [(k[0], rows[k]) for k in rows if k[0] in ("channelwise", "layerwise")]
+                   ""] + table(acc, method, cols, name) + [""]
+            heatmap(acc, method, cols, name, f"{title}: {method}",
+                    bench.out / f"{stem}-{method}.png")
+    md += findings(acc, seeds)
+    extra = [k for k in acc if k[0] in ("channelwise", "layerwise")]
     if extra:
+        scales = {_gkey(r): r["scales"] for r in rows}
         md += ["| granularity | scales | top-1 |", "|---|---:|---:|"]
-        md += [f"| {name} | {row['scales']} | {100 * float(row['top1']):.2f} |" for name, row in extra]
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+        md += [f"| {k[0]} | {scales[k]} | {pm(acc[k].values())} |" for k in extra]
+    bench.write_md(f"{stem}.md", md)
     return 0
 
 
