@@ -5,8 +5,8 @@
         [--threads T] [--out DIR]
 
 Method 1: every layer uses the same r x c (r in 16,8,4,2,1 x c in 576,288,144,72,36);
-Method 2: r rows, c = ceil(K/m) (r in 16,8,4,2,1 x m in 1,2,4,8,16); plus channelwise and
-layerwise. Each point and seed: calibrate (128 images of data_batch_1 drawn with ``quant.seed``
+Method 2: r rows, c = ceil(K/m) (r in 16,8,4,2,1 x m in 1,2,4,8,16); ``diagonal``: its m = r
+points only (as many scales as channelwise); plus channelwise and layerwise (``extremes``). Each point and seed: calibrate (128 images of data_batch_1 drawn with ``quant.seed``
 = the seed; first and last layer in float), then top-1 on the test set with the fake-quant path
 (which the tests show agrees with the exact kernel path). One CSV row per point and seed is
 appended as soon as it finishes (benchmarks/harness.py); a rerun only computes what is missing.
@@ -41,6 +41,8 @@ def grid_points(grids) -> list[tuple[str, int | None, int | None, int | None]]:
         pts += [("method1", r, c, None) for r in R_GRID for c in C_GRID]
     if "method2" in grids:
         pts += [("method2", r, None, m) for r in R_GRID for m in M_GRID]
+    elif "diagonal" in grids:
+        pts += [("method2", r, None, r) for r in R_GRID]
     return pts
 
 
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--abits", type=int, default=8)
     ap.add_argument("--calibration", default="ptqsl")
     ap.add_argument("--grids", nargs="+", default=["extremes", "method1", "method2"],
-                    choices=["extremes", "method1", "method2"])
+                    choices=["extremes", "method1", "method2", "diagonal"],
+                    help="point sets; diagonal: the Method 2 points with m = r only")
     common_args(ap, seeds=(0, 1, 2))
     args = ap.parse_args(argv)
 

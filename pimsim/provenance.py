@@ -31,14 +31,18 @@ _SRC = Path(__file__).resolve().parent
 
 def git_commit(where: Path = _SRC) -> str:
     """``git rev-parse HEAD`` of the checkout holding ``where``, with ``+dirty`` when tracked
-    files differ from it; ``unknown (not a git checkout)`` for an installed copy."""
+    files other than ``benchmarks/results/`` differ from it; ``unknown (not a git checkout)`` for an installed copy."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=where, capture_output=True, text=True, timeout=20)
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return "unknown (not a git checkout)"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        top = git("rev-parse", "--show-toplevel").stdout.strip() or str(where)
+        # results files are outputs, not code: a benchmark rewriting them leaves the code clean
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=top, capture_output=True,
+                               text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (git not available)"
     return head.stdout.strip() + ("+dirty" if dirty else "")
