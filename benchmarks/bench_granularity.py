@@ -74,11 +74,19 @@ def _cell_key(method, r, col):
 
 def table(acc: dict, method: str, cols, col_name: str) -> list[str]:
     """A markdown table shaped like the paper's: rows r, columns c (Method 1) or m (Method 2);
-    cells: top-1 mean ± sd over the seeds."""
+    cells: top-1 mean ± sd over the seeds; a cell measured on fewer seeds than the table's
+    most names them (``(seed 0)``)."""
     head = f"| r \\ {col_name} | " + " | ".join(str(c) for c in cols) + " |"
     out = [head, "|---" * (len(cols) + 1) + "|"]
+    most = max((len(acc.get(_cell_key(method, r, c), {})) for r in R_GRID for c in cols), default=0)
+
+    def cell(v: dict) -> str:
+        if v and len(v) < most:
+            return f"{pm(v.values())} (seed {', '.join(map(str, sorted(v)))})"
+        return pm(v.values())
+
     for r in R_GRID:
-        cells = [pm(acc.get(_cell_key(method, r, c), {}).values()) for c in cols]
+        cells = [cell(acc.get(_cell_key(method, r, c), {})) for c in cols]
         out.append(f"| {r} | " + " | ".join(cells) + " |")
     return out
 
@@ -118,8 +126,9 @@ def findings(acc: dict, seeds) -> list[str]:
     """The paper's findings, computed per seed and summarized over seeds: Pearson correlation of
     Method 1 top-1 with log2(r*c); fewer rows at equal r*c (wins / ties / losses); Method 2 with
     m = r against channelwise."""
-    seeds = [s for s in seeds if all(s in v for v in acc.values())]
     m1 = {(int(k[1]), int(k[2])): v for k, v in acc.items() if k[0] == "method1"}
+    all_seeds = seeds
+    seeds = [s for s in all_seeds if all(s in v for v in m1.values())]   # seeds with every point
     out = []
     if len(m1) >= 3 and seeds:
         size = np.log2([r * c for r, c in m1])
@@ -138,7 +147,8 @@ def findings(acc: dict, seeds) -> list[str]:
                        f"{fr['pairs'] - fr['wins_beyond_sd'] - fr['losses_beyond_sd']}.")
     cw = acc.get(("channelwise", "", "", ""))
     diag = [(r, acc.get(("method2", _s(r), "", _s(r)))) for r in R_GRID if r > 1]
-    if cw and seeds and all(v for _, v in diag):
+    seeds = [s for s in all_seeds if cw and s in cw and all(v and s in v for _, v in diag)]
+    if seeds:
         cells = [f"r = {r}: {pm([v[s] - cw[s] for s in seeds])}" for r, v in diag]
         out.append("Method 2 with m = r (the channelwise number of scales) minus channelwise, "
                    "points, mean ± sd over seeds: " + "; ".join(cells) + ".")
