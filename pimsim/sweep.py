@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, ConfigError, _fmt, read_yaml, validate
+from .provenance import CSV_FIELDS, now, provenance
 
 SWEEP_KEYS = ("base", "set", "grid", "out")
 
@@ -50,7 +51,11 @@ RESULT_COLUMNS = ("model", "wbits", "abits", "calibration", "method", "r", "c", 
 # Cost totals (pimsim.cost) copied into each row as cost_<name>, when the run reports them.
 COST_COLUMNS = ("weight_bits", "scale_bits", "scale_overhead", "macs", "rescale_mults",
                 "psum_adds", "arrays", "utilization", "adc_conversions", "energy_nj", "latency_us")
-TIMING_COLUMNS = ("calibration_s", "eval_s")
+# Provenance of each row (pimsim.provenance): the calibration seed, code commit, threads, date
+# and command line of the sweep that wrote it.
+PROVENANCE_COLUMNS = CSV_FIELDS
+# Columns that differ between two runs of the same point (timings, the date it finished).
+TIMING_COLUMNS = ("calibration_s", "eval_s", "date")
 
 
 class SweepError(RuntimeError):
@@ -99,7 +104,7 @@ class Sweep:
     @property
     def columns(self) -> list:
         return ["point", *self.grid_columns, *RESULT_COLUMNS,
-                *(f"cost_{k}" for k in COST_COLUMNS)]
+                *(f"cost_{k}" for k in COST_COLUMNS), *PROVENANCE_COLUMNS]
 
 
 def _err(source, key, value, what) -> ConfigError:
@@ -247,7 +252,8 @@ def result_row(res: dict) -> dict:
            "calibration": q["calibration"], "method": method, "r": r, "c": c, "m": m,
            "scales": sum(l["scales"] for l in res["layers"]),
            "top1": res["top1"], "fp_top1": res["fp_top1"], "images": res["images"],
-           "calibration_s": round(res["calibration_s"], 3), "eval_s": round(res["eval_s"], 3)}
+           "calibration_s": round(res["calibration_s"], 3), "eval_s": round(res["eval_s"], 3),
+           "seed": q["seed"]}
     cost = res.get("cost") or {}
     for k in COST_COLUMNS:
         row[f"cost_{k}"] = cost.get(k, "")
@@ -363,6 +369,7 @@ def run_sweep(sweep: Sweep, out=None, workers: int | None = None, scheduler=None
     from tqdm.auto import tqdm
     path = Path(out) if out is not None else sweep.out
     results = ResultsFile(path, sweep.columns)
+    prov = provenance(threads=1)        # each point runs with one thread (run_point)
     todo = [p for p in sweep.points if p.key not in results.done]
     skipped = len(sweep.points) - len(todo)
     failures = {}
@@ -374,7 +381,9 @@ def run_sweep(sweep: Sweep, out=None, workers: int | None = None, scheduler=None
             failures[p.key] = f"{type(error).__name__}: {error}"
             bar.write(f"point {p.key} failed: {type(error).__name__}: {error}")
         else:
-            results.append({"point": p.key, **p.axes, **row})
+            results.append({"point": p.key, **p.axes, **row, "commit": prov["commit"],
+                            "threads": prov["threads"], "command": prov["command"],
+                            "date": now()})
         bar.update(1)
 
     args = lambda p: (p.base_raw, p.base_source, p.overrides, data_dir)  # noqa: E731
