@@ -1,10 +1,11 @@
 """Float and quantized top-1 of the zoo's CIFAR ResNets through `pimsim run`, as a table.
 
-    python benchmarks/bench_accuracy.py [--models resnet20 resnet56] [--limit N] [--out DIR]
+    python benchmarks/bench_accuracy.py [--models resnet20 resnet56] [--limit N] [--threads T]
+        [--out DIR]
 
-Each point is one `pimsim run` (full test set, exact kernel path) whose JSON goes to
-DIR/runs/<name>.json; a point whose JSON exists is not run again (delete it to rerun), so an
-interrupted run resumes. Writes DIR/accuracy.md.
+Each point is one `pimsim run` (full test set, exact kernel path, calibration seed 0) whose JSON
+(with its provenance) goes to DIR/runs/<name>.json; a point whose JSON exists is not run again
+(delete it to rerun), so an interrupted run resumes. Writes DIR/accuracy.md.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
+from harness import Bench, common_args
 from pimsim.cli import main as pimsim_main
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 # (label, --set overrides)
 POINTS = [
@@ -30,11 +31,11 @@ POINTS = [
 ]
 
 
-def run_point(model: str, label: str, sets: list[str], runs: Path, limit) -> dict:
+def run_point(model: str, label: str, sets: list[str], runs: Path, limit, threads: int) -> dict:
     out = runs / f"{model}-{label.replace(' ', '-')}.json"
     if not out.exists():
         argv = ["run", str(ROOT / "hwconfigs" / "default.yaml"), "--set", f"model.name={model}",
-                "--out", str(out)]
+                "--set", f"eval.threads={threads}", "--out", str(out)]
         for s in sets:
             argv += ["--set", s]
         if limit:
@@ -48,25 +49,22 @@ def run_point(model: str, label: str, sets: list[str], runs: Path, limit) -> dic
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
-    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
-    ap.add_argument("--out", default=str(RESULTS))
+    common_args(ap, seeds=None)
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    runs = out / "runs"
+    bench = Bench(args)
+    runs = bench.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     lines = ["| model | float top-1 | " + " | ".join(l for l, _ in POINTS) + " |",
              "|---|---:|" + "---:|" * len(POINTS)]
     for m in args.models:
-        res = [run_point(m, label, sets, runs, args.limit) for label, sets in POINTS]
+        res = [run_point(m, label, sets, runs, args.limit, bench.threads) for label, sets in POINTS]
         cells = [f"{100 * r['top1']:.2f}%" for r in res]
         lines.append(f"| {m} | {100 * res[0]['fp_top1']:.2f}% | " + " | ".join(cells) + " |")
         images = res[0]["images"]
     lines.append(f"\nTop-1 on {images} CIFAR-10 test images (JPEG copy); calibration on 128 "
                  "images of data_batch_1 (seed 0); first and last layer in float; exact "
-                 "tiled-integer kernel path. Produced by `python benchmarks/bench_accuracy.py`.")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    (out / "accuracy.md").write_text(md)
+                 "tiled-integer kernel path; each run's JSON in runs/ records its own provenance.")
+    bench.write_md("accuracy.md", lines)
     return 0
 
 

@@ -1,49 +1,46 @@
 """Speed of simulated inference: ResNet-20 W4A8 on 128x128 tiles (exact kernel path) against the
 plain torch float32 model on the same test images, measured in the same run.
 
-    python benchmarks/bench_inference.py [--images 10000] [--repeats 2] [--out FILE]
+    python benchmarks/bench_inference.py [--limit 10000] [--repeats 2] [--threads 0] [--out DIR]
 
-Prints a table and writes JSON (default benchmarks/results/inference.json) with
+Prints a table and writes DIR/inference.{json,md} (default benchmarks/results/) with
 ``slowdown_vs_torch_fp32`` = kernel-path time / torch fp32 time (best of the repeats, runs
-interleaved so machine noise hits both).
+interleaved so machine noise hits both), and the provenance of benchmarks/harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numba
 import torch
 
+from harness import Bench, common_args
 from pimsim.config import validate
-from pimsim.data import load_cifar10
 from pimsim.models import build_model
-from pimsim.simulate import evaluate, prepare, quantize_network, set_threads
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from pimsim.simulate import evaluate, prepare, quantize_network
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=10000, help="test images (default 10000)")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of each (best kept)")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--tile", default="[128, 128]", help="quant.tile as YAML (default [128, 128])")
-    ap.add_argument("--out", default=str(RESULTS / "inference.json"))
+    common_args(ap, seeds=(0,))
     args = ap.parse_args(argv)
 
     import yaml
     cfg = validate({"model": {"name": "resnet20"},
-                    "quant": {"weight_bits": 4, "act_bits": 8, "tile": yaml.safe_load(args.tile)},
+                    "quant": {"weight_bits": 4, "act_bits": 8, "tile": yaml.safe_load(args.tile),
+                              "seed": args.seeds[0]},
                     "eval": {"batch_size": args.batch_size, "backend": "kernel"}})
-    threads = set_threads(0)
+    bench = Bench(args)
+    threads = bench.threads
     prep = prepare(cfg)
-    images, labels = load_cifar10("test", prep.data_dir, limit=args.images)
+    images, labels = bench.test_set(prep)
     torch_model = build_model("resnet20", checkpoint=prep.checkpoint)   # BN unfolded, eager
     t0 = time.perf_counter()
     quantize_network(prep, progress=False)
@@ -83,12 +80,8 @@ def main(argv=None) -> int:
            for r in rows]
     md.append(f"\nslowdown of the exact kernel path vs torch fp32: **{slowdown:.2f}x** "
               f"({len(images)} images, {threads} threads)")
-    print("\n".join(md))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {bench.write_json('inference.json', res)}")
+    bench.write_md("inference.md", md)
     return 0
 
 

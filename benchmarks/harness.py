@@ -32,13 +32,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def common_args(ap: argparse.ArgumentParser, seeds=(0,), threads: int = 0) -> argparse.ArgumentParser:
-    """Add the options every benchmark shares: --limit, --threads, --seeds, --out."""
+    """Add the options every benchmark shares: --limit, --threads, --out and, unless ``seeds``
+    is None (a benchmark with one fixed seed), --seeds."""
     ap.add_argument("--limit", type=positive_int, default=None, help="first N test images only")
     ap.add_argument("--threads", type=int, default=threads,
                     help=f"torch/Numba threads (0 = all cores; default {threads})")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds),
-                    help="calibration seeds (quant.seed); one result per seed "
-                         f"(default {' '.join(map(str, seeds))})")
+    if seeds is not None:
+        ap.add_argument("--seeds", type=int, nargs="+", default=list(seeds),
+                        help="calibration seeds (quant.seed); one result per seed "
+                             f"(default {' '.join(map(str, seeds))})")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     return ap
 
@@ -72,7 +74,7 @@ class Bench:
         self.threads = set_threads(args.threads)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.prov = provenance(seeds=list(getattr(args, "seeds", []) or []), threads=self.threads)
+        self.prov = provenance(seeds=list(getattr(args, "seeds", None) or [0]), threads=self.threads)
         self._preps = {}
         self._test = {}
 
