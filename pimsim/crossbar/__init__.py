@@ -72,7 +72,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .quant import Granularity, TileGrid, check_bits
+from ..quant import Granularity, TileGrid, check_bits
 
 SIGNED = ("differential", "offset")
 RANGES = ("full", "calibrated")
@@ -409,8 +409,8 @@ class CrossbarGemm:
     def __init__(self, wq, grid: TileGrid, scales, crossbar: Crossbar, w_bits: int,
                  a_bits: int, mapping: LayerMapping | None = None, name: str = "layer",
                  shortcut: bool = True):
-        from . import array_kernels as ak
-        from .kernels import TiledGemm
+        from .. import array_kernels as ak
+        from ..kernels import TiledGemm
         self.crossbar = crossbar
         self.w_bits, self.a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
         wq = np.asarray(wq)
@@ -451,7 +451,7 @@ class CrossbarGemm:
         if not ideal and self.crossbar.adc_range == "calibrated" and self.ranges is None:
             self.thr = None                  # until fitted
             return
-        from .array_kernels import adc_lut
+        from ..array_kernels import adc_lut
         self.thr, self.step, self.range_used = adc_tables(
             self.crossbar, self.lm, self.ranges, ideal)
         vmax = max(self.crossbar.full_range(r) for r in np.diff(self.seg_bounds))
@@ -492,7 +492,7 @@ class CrossbarGemm:
     # -- running -------------------------------------------------------------------------------
     def _psums(self, x: np.ndarray, passes: int) -> np.ndarray:
         """Partial sums P (J, nb, O) float64 of the input rows ``x`` (nb x K) on the arrays."""
-        from . import array_kernels as ak
+        from .. import array_kernels as ak
         if self.thr is None:
             raise ValueError(f"layer {self.name}: adc_range calibrated: fit the ranges first "
                              "(start_fit / finish_fit on the calibration batch)")
@@ -518,7 +518,7 @@ class CrossbarGemm:
         return P
 
     def _run(self, N, rows, passes, sx, b, y):
-        from .kernels import _combine_nk
+        from ..kernels import _combine_nk
         t = self.tiled
         self.conversions += N * self.conversions_per_vector(passes)
         for n0 in range(0, N, t._chunk(N)):
@@ -575,7 +575,7 @@ def attach(net, crossbar: Crossbar, granularity: Granularity | None = None,
     their weights become symmetric (a weight at ``-2^(b-1)`` is stored as ``-(2^(b-1)-1)``, as
     the arrays cannot hold it; inputs are clamped the same way), the ``Mapping`` is built and
     every layer gets its ``CrossbarGemm`` (mode ``crossbar``). Returns the mapping."""
-    from .calibrate import symmetric_quant
+    from ..calibrate import symmetric_quant
     for l in net.quantized_layers:
         if not l.quant.symmetric:
             mode = l.mode
