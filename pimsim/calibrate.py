@@ -11,7 +11,6 @@ weight-MSE search, no data).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -85,8 +84,8 @@ def method_params(params: dict | None, symmetric: bool = False) -> dict:
 
 
 def symmetric_quant(q: LayerQuant, symmetric: bool) -> LayerQuant:
-    """``q``, marked symmetric (weights clamped to -(2^(b-1)-1)) when asked and not already."""
-    return dataclasses.replace(q, symmetric=True) if symmetric and not q.symmetric else q
+    """``q.as_symmetric()`` when ``symmetric``, else ``q`` (``LayerQuant.as_symmetric``)."""
+    return q.as_symmetric() if symmetric else q
 
 
 def quantize_layer(fn, layer: GemmLayer, x: torch.Tensor, target, gran: Granularity,

@@ -1,9 +1,14 @@
 """Cost model: memory, compute, array and energy/latency figures of a quantized network on a
 crossbar, per layer and in total, derived from the crossbar mapping (``pimsim.crossbar``).
 
-No data and no calibration are needed: the layer shapes and output pixels come from one
-forward pass of a single 32 x 32 image with layer hooks, the tile grids from
-``Granularity.resolve(O, K)``, the array placement from ``Mapping.from_layers``.
+The cost of a run is computed from the traced network that was run and the ``Mapping``
+attached to it (``traced_cost``): the output pixels of every layer come from one forward pass
+of one zero image of the run's size (32 x 32 for CIFAR-10) with layer hooks, everything else
+from the mapping. ``pimsim cost`` (``config_cost``) builds the same objects as ``pimsim run``
+without data — the config's traced network (``config_network``; random weights, only shapes
+matter) and its mapping (``config_mapping``: the grids the configured granularity gives the
+layers calibration would quantize) — and calls the same code. ``network_cost`` costs bare
+``LayerShape``s (no network) the same way.
 
 Per quantized layer (O x K weight matrix, tile grid of ``row_blocks x col_blocks`` tiles,
 ``P`` output pixels per inference, 1 for a linear layer; the mapping gives ``segments`` =
@@ -29,7 +34,9 @@ compute  macs            = O * K * P
 arrays   arrays, utilization (from the mapping); used_columns = segments * (O * cols_per_weight
          + reference columns * aps)
          array_reads     = arrays * cyc * P       one read cycle of every array per input cycle
-         adc_conversions = used_columns * cyc * P every used bit line, every cycle
+         adc_conversions = used_columns * cyc * P every used bit line, every cycle (the
+                                                  formula pimsim.crossbar.adc_conversions, which
+                                                  also counts the array simulation's conversions)
          dac_conversions = K * aps * cyc * P      every used word line of every array, every cycle
          shift_adds      = adc_conversions        each ADC result shift-added into its accumulator
          buffer_accesses = K * P + O * P + rescale_mults    input reads (broadcast to the arrays
@@ -125,16 +132,20 @@ class LayerShape:
     pixels: int
 
 
-def network_shapes(net, image_hw=(32, 32), channels: int = 3) -> list[LayerShape]:
+# CIFAR-10, the images pimsim runs on: the input size of the pixel count without data
+IMAGE_HW = (32, 32)
+
+
+def network_shapes(net, image_hw=IMAGE_HW, channels: int = 3) -> list[LayerShape]:
     """Shapes and output pixels of every GEMM layer of a ``Network`` (one forward pass of one
-    zero image with hooks)."""
+    zero image; every layer runs in float meanwhile, whatever its backend)."""
     import torch
     pixels = {}
 
     def hook(layer, x):
         pixels[layer.name] = (1 if layer.kind == "linear"
                               else math.prod(layer.out_hw(x.shape[2], x.shape[3])))
-        return None
+        return layer.float_forward(x)
 
     net.run_with_hooks(torch.zeros(1, channels, *image_hw), {l.name: hook for l in net.layers})
     return [LayerShape(l.name, l.O, l.K, pixels[l.name]) for l in net.layers if l.name in pixels]
@@ -149,7 +160,9 @@ def _model_shapes(name: str) -> tuple:
 
 
 def model_shapes(name: str, float_layers="auto") -> list[LayerShape]:
-    """The quantized layers of zoo model ``name`` (random weights: only shapes matter)."""
+    """The quantized layers of zoo model ``name`` at 32 x 32 (random weights: only shapes
+    matter) — for tables of results that name a model but have no config (``pimsim plot``,
+    notebooks). A run's cost comes from its own network (``traced_cost``)."""
     shapes, default_float = _model_shapes(name)
     keep = set(default_float) if float_layers == "auto" else set(float_layers)
     unknown = keep - {s.name for s in shapes}
@@ -172,22 +185,6 @@ def build_mapping(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
     return Mapping.from_layers(_specs(shapes, gran, w_bits, a_bits), crossbar, strict=strict)
 
 
-def _segments(lm, crossbar) -> int:
-    seg = getattr(lm, "segments", 0)
-    if seg:
-        return seg
-    # sum_j ceil(c_j / rows) over the column blocks (c_j: the ragged last block is K - c*(n-1))
-    last = lm.K - lm.c * (lm.col_blocks - 1)
-    return (lm.col_blocks - 1) * -(-lm.c // crossbar.rows) + -(-last // crossbar.rows)
-
-
-def _ref_cols(lm, crossbar) -> int:
-    ref = getattr(lm, "ref_cols", None)
-    if ref is not None:
-        return ref
-    return crossbar.slices(lm.w_bits) if crossbar.signed == "offset" else 0
-
-
 def adc_resolution(crossbar) -> int:
     """The ADC resolution the cost model charges: ``crossbar.adc_bits``, or for an ideal ADC the
     lossless resolution that resolves every column sum of a full array."""
@@ -206,10 +203,11 @@ def adc_energy_pj(crossbar, params: CostParams) -> float:
 def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None) -> dict:
     """All cost figures of one mapped layer (``chw``/``lw``: its channelwise and layerwise
     mappings on the same crossbar, for the relative figures)."""
+    from .crossbar import adc_conversions
     O, K, P = lm.O, lm.K, pixels
-    seg = _segments(lm, crossbar)
-    aps = lm.arrays // seg
-    cyc = crossbar.input_cycles(lm.a_bits) * params.input_passes
+    seg = lm.segments
+    aps = lm.arrays_per_segment
+    cyc = lm.input_cycles * params.input_passes
     scales = lm.row_blocks * lm.col_blocks
     weight_bits = O * K * lm.w_bits
     scale_bits = scales * crossbar.scale_bits
@@ -218,9 +216,9 @@ def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None)
     seg_adds = O * (seg - lm.col_blocks) * P
     psum = tile_adds + seg_adds
     digital = rescale + psum
-    used_cols = seg * (O * lm.cols_per_weight + _ref_cols(lm, crossbar) * aps)
+    used_cols = lm.used_columns
     array_reads = lm.arrays * cyc * P
-    adc = used_cols * cyc * P
+    adc = adc_conversions(lm, P, params.input_passes)
     dac = K * aps * cyc * P
     shift_adds = adc
     buffer = K * P + O * P + rescale
@@ -270,26 +268,53 @@ def _ratios(d: dict) -> None:
         d["scale_vs_layerwise"] = div(d["scale_bits"], d["lw_scale_bits"])
 
 
-def network_cost(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
-                 params: CostParams | None = None, strict: bool = True) -> dict:
-    """Per-layer and total cost of the quantized layers ``shapes`` with granularity ``gran``.
+def mapping_cost(mapping, pixels: dict, params: CostParams | None = None,
+                 granularity=None) -> dict:
+    """Per-layer and total cost of the layers of ``mapping`` (a ``pimsim.crossbar.Mapping``),
+    ``pixels[name]`` output pixels per inference each; ``granularity`` labels the result.
 
-    Returns ``{"granularity", "w_bits", "a_bits", "crossbar", "params", "layers", "totals"}``.
+    Returns ``{"granularity", "w_bits", "a_bits", "crossbar", "params", "adc_bits", "adc_pj",
+    "layers", "totals"}`` (bit widths: those of the first layer; None for an empty mapping).
     """
+    from .crossbar import LayerSpec, Mapping
     params = params or CostParams()
-    mapping = build_mapping(shapes, gran, w_bits, a_bits, crossbar, strict)
-    chw = build_mapping(shapes, Granularity.channelwise(), w_bits, a_bits, crossbar, False)
-    lw = build_mapping(shapes, Granularity.layerwise(), w_bits, a_bits, crossbar, False)
-    layers = [layer_cost(lm, s.pixels, crossbar, params, c, l)
-              for s, lm, c, l in zip(shapes, mapping.layers, chw.layers, lw.layers)]
+    crossbar = mapping.crossbar
+
+    def regrid(gran):
+        return Mapping.from_layers([LayerSpec(lm.name, lm.O, lm.K, gran.resolve(lm.O, lm.K),
+                                              lm.w_bits, lm.a_bits, gran)
+                                    for lm in mapping.layers], crossbar, strict=False)
+    chw, lw = regrid(Granularity.channelwise()), regrid(Granularity.layerwise())
+    layers = [layer_cost(lm, pixels[lm.name], crossbar, params, c, l)
+              for lm, c, l in zip(mapping.layers, chw.layers, lw.layers)]
     totals = {k: sum(l[k] for l in layers) for k in SUMMED}
     totals["energy_breakdown_nj"] = {k: sum(l["energy_breakdown_nj"][k] for l in layers)
                                      for k in layers[0]["energy_breakdown_nj"]} if layers else {}
     _ratios(totals)
-    return {"granularity": str(gran), "w_bits": w_bits, "a_bits": a_bits,
+    first = mapping.layers[0] if mapping.layers else None
+    return {"granularity": None if granularity is None else str(granularity),
+            "w_bits": first and first.w_bits, "a_bits": first and first.a_bits,
             "crossbar": dataclasses.asdict(crossbar), "params": dataclasses.asdict(params),
             "adc_bits": adc_resolution(crossbar), "adc_pj": adc_energy_pj(crossbar, params),
             "layers": layers, "totals": totals}
+
+
+def network_cost(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
+                 params: CostParams | None = None, strict: bool = True) -> dict:
+    """Per-layer and total cost of the quantized layers ``shapes`` with granularity ``gran``
+    (``mapping_cost`` of their mapping)."""
+    mapping = build_mapping(shapes, gran, w_bits, a_bits, crossbar, strict)
+    res = mapping_cost(mapping, {s.name: s.pixels for s in shapes}, params, gran)
+    res["w_bits"], res["a_bits"] = w_bits, a_bits
+    return res
+
+
+def traced_cost(net, mapping, params: CostParams | None = None, granularity=None,
+                image_hw=IMAGE_HW) -> dict:
+    """The cost of ``net`` (a traced ``pimsim.network.Network``) placed by ``mapping`` (the
+    ``Mapping`` attached to it, or ``config_mapping``'s), for ``image_hw`` input images."""
+    pixels = {s.name: s.pixels for s in network_shapes(net, image_hw)}
+    return mapping_cost(mapping, pixels, params, granularity)
 
 
 def crossbar_of(cfg):
@@ -300,14 +325,45 @@ def crossbar_of(cfg):
     return (xb, True) if xb is not None else (Crossbar(), False)
 
 
-def config_cost(cfg) -> dict:
-    """The cost of a validated ``Config`` (its model, granularity, bit widths, crossbar)."""
+def config_network(cfg, checkpoint=None):
+    """The traced ``Network`` of the config's model (``model.name``; the weights of
+    ``checkpoint``, else random: the cost needs only shapes). ``pimsim run`` builds its network
+    with it too (``pimsim.simulate.prepare``)."""
+    from .models import build_model
+    from .network import build_network
+    return build_network(build_model(cfg["model.name"], checkpoint=checkpoint))
+
+
+def config_mapping(cfg, net):
+    """The ``Mapping`` of ``net`` as the config places it, on ``crossbar_of(cfg)``: the layers
+    calibration quantizes (all but ``quant.float_layers``) with their grids — ``layer.quant``
+    where ``net`` is calibrated, else ``cfg.granularity.resolve(O, K)``, the grid calibration
+    gives them — and bit widths; for a calibrated network with a ``crossbar:`` section the
+    same placement as ``pimsim.crossbar.attach``."""
+    from .calibrate import resolve_float_layers
+    from .crossbar import LayerSpec, Mapping
     xb, strict = crossbar_of(cfg)
-    shapes = model_shapes(cfg["model.name"], cfg["quant.float_layers"])
-    res = network_cost(shapes, cfg.granularity, cfg["quant.weight_bits"], cfg["quant.act_bits"],
-                       xb, CostParams.from_config(cfg), strict)
+    gran, wb, ab = cfg.granularity, cfg["quant.weight_bits"], cfg["quant.act_bits"]
+    if net.quantized_layers:
+        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits)
+                 for l in net.quantized_layers]
+    else:
+        keep = resolve_float_layers(net, cfg["quant.float_layers"])
+        specs = [LayerSpec(l.name, l.O, l.K, gran.resolve(l.O, l.K), wb, ab)
+                 for l in net.layers if l.name not in keep]
+    return Mapping.from_layers(specs, xb, strict=strict, granularity=gran)
+
+
+def config_cost(cfg, net=None, mapping=None, image_hw=IMAGE_HW) -> dict:
+    """The cost of a validated ``Config``: of ``net`` (default: ``config_network(cfg)``) placed
+    by ``mapping`` (default: ``config_mapping(cfg, net)``) — a run passes the network it ran and
+    the mapping attached to it — with the ``cost:`` constants."""
+    net = config_network(cfg) if net is None else net
+    mapping = config_mapping(cfg, net) if mapping is None else mapping
+    res = traced_cost(net, mapping, CostParams.from_config(cfg), cfg.granularity, image_hw)
+    res["w_bits"], res["a_bits"] = cfg["quant.weight_bits"], cfg["quant.act_bits"]
     res["model"] = cfg["model.name"]
-    res["strict"] = strict
+    res["strict"] = crossbar_of(cfg)[1]
     return res
 
 

@@ -100,8 +100,9 @@ def _combine_kn(P, srow, lim, sx, bias, y, n0):
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _combine_nk(P, srow, lim, sx, bias, y, n0):
-    """The same for the transposed layout: P (J, nb, O) -> rows n0..n0+nb of Y^T (N x O)."""
+def combine_nk(P, srow, lim, sx, bias, y, n0):
+    """The same for the transposed layout: P (J, nb, O) -> rows n0..n0+nb of Y^T (N x O),
+    ``srow`` / ``lim`` as ``TiledGemm.row_scales`` / ``row_limits`` (``TiledGemm.combine``)."""
     J, nb, O = P.shape
     for n in prange(nb):
         acc = np.zeros(O, dtype=np.float64)
@@ -259,11 +260,32 @@ class TiledGemm:
             raise ValueError(f"input must be {want} with K={self.grid.K}, got shape {tuple(x.shape)}")
         return x.t() if layout == "KN" else x
 
-    def _chunk(self, N):
+    # -- shared with other operators on the same tiles (pimsim.crossbar.CrossbarGemm) --------
+    @property
+    def row_scales(self) -> np.ndarray:
+        """(J, O) float64: the scale ``s[i(o), j]`` of the tile holding row o in column block j."""
+        return self._srow
+
+    @property
+    def row_limits(self) -> np.ndarray:
+        """(J, O) float64: the partial-sum clamp of that tile (``inf``: no clamp)."""
+        return self._lim
+
+    def chunk_size(self, N) -> int:
         """Rows of X^T per chunk: keeps the converted input chunk and its partial sums in cache."""
         g = self.grid
         per_row = g.K * 8 + g.n_col_blocks * g.O * 8
         return max(64, min(N, _CHUNK_BYTES // per_row))
+
+    _chunk = chunk_size          # the former private name (benchmarks/bench_kernel.py reads it)
+
+    def combine(self, P, act_scale: float, bias, y, n0: int) -> None:
+        """Eq. 5's rescale step for rows ``n0..n0+nb`` of Y^T: ``P`` (J, nb, O) partial sums
+        (any exact values, float64 or int64) are clipped to ``row_limits``, scaled by
+        ``row_scales`` and summed over j in float64 in the order j = 0..J-1, then
+        ``y[n0 + n, o] = f32(act_scale * acc) + bias[o]`` (``act_scale`` and ``bias`` as
+        returned by ``check_act_scale`` / ``check_bias``; ``y`` float32 N x O, written in place)."""
+        combine_nk(P, self._srow, self._lim, act_scale, bias, y, n0)
 
     def _psums_nk(self, N, rows):
         """Yield ``(n0, n1, P)``: exact partial sums P (J, n1-n0, O) of each chunk of rows of
@@ -271,7 +293,7 @@ class TiledGemm:
         integers for the int path). Each product is ``X_j^T @ W_j^T``, a tall-skinny GEMM."""
         J, O = self.grid.n_col_blocks, self.grid.O
         bnd = self._bounds
-        nb = self._chunk(N)
+        nb = self.chunk_size(N)
         for n0 in range(0, N, nb):
             n1 = min(N, n0 + nb)
             xc = rows(n0, n1)
@@ -305,7 +327,7 @@ class TiledGemm:
         bnd = self._bounds
         x = xt.t()                                         # K x N, as given
         direct = x.dtype == self._dtype and x.stride(1) == 1
-        nb = self._chunk(N)
+        nb = self.chunk_size(N)
         for n0 in range(0, N, nb):
             n1 = min(N, n0 + nb)
             xc = x[:, n0:n1]
@@ -316,9 +338,11 @@ class TiledGemm:
                 torch.mm(self._wj[j], xc[bnd[j]:bnd[j + 1]], out=P[j])
             yield n0, n1, P.numpy()
 
-    def _conv_rows(self, xq4, geometry):
-        """(N, rows): ``rows(n0, n1)`` forms rows of the im2col matrix of ``xq4`` just in time
-        into a reused buffer, so the 9x larger im2col matrix never exists in memory."""
+    def conv_rows(self, xq4, geometry):
+        """(N, rows) of a convolution input ``xq4`` (B, C, H, W) and ``geometry`` (kernel_size,
+        stride, padding, dilation): ``rows(n0, n1)`` forms rows n0..n1 of its im2col matrix
+        X^T (pixel-major) just in time into a reused buffer, so the 9x larger im2col matrix
+        never exists in memory (each call overwrites the previous rows)."""
         x = _channels_last(xq4)
         kh, kw = geometry[0]
         if x.shape[3] * kh * kw != self.grid.K:
@@ -327,7 +351,7 @@ class TiledGemm:
         ho, wo = conv_out_hw(x.shape[1], x.shape[2], *geometry)
         N = x.shape[0] * ho * wo
         dt = np.float64 if self.path != "f32" else np.float32
-        buf = np.empty((self._chunk(N), self.grid.K), dtype=dt)
+        buf = np.empty((self.chunk_size(N), self.grid.K), dtype=dt)
         flat = [v for pair in geometry for v in pair]
 
         def rows(n0, n1):
@@ -336,7 +360,8 @@ class TiledGemm:
             return b if self.path == "int" else torch.from_numpy(b)
         return N, rows
 
-    def _check_act_scale(self, act_scale) -> float:
+    def check_act_scale(self, act_scale) -> float:
+        """``act_scale`` as a float; ValueError unless finite and > 0."""
         try:
             sx = float(act_scale)
         except (TypeError, ValueError):
@@ -345,7 +370,8 @@ class TiledGemm:
             raise ValueError(f"activation scale must be finite and > 0, got {act_scale!r}")
         return sx
 
-    def _check_bias(self, bias) -> np.ndarray:
+    def check_bias(self, bias) -> np.ndarray:
+        """``bias`` as float32 (O,) (zeros for None); ValueError on another shape."""
         O = self.grid.O
         b = np.zeros(O, np.float32) if bias is None else np.asarray(_as_numpy(bias), np.float32)
         if b.shape != (O,):
@@ -370,14 +396,14 @@ class TiledGemm:
         ``out``: optional preallocated float32 result of that shape (any strides).
         """
         g = self.grid
-        sx = self._check_act_scale(act_scale)
-        b = self._check_bias(bias)
+        sx = self.check_act_scale(act_scale)
+        b = self.check_bias(bias)
         N = self._transposed_input(xq, layout).shape[0]
         shape = (g.O, N) if layout == "KN" else (N, g.O)
         y = np.empty(shape, dtype=np.float32) if out is None else out
         if y.shape != shape or y.dtype != np.float32:
             raise ValueError(f"out must be float32 of shape {shape}")
-        combine = _combine_kn if layout == "KN" else _combine_nk
+        combine = _combine_kn if layout == "KN" else combine_nk
         for n0, _, P in self._iter_psums(xq, layout):
             combine(P, self._srow, self._lim, sx, b, y, n0)
         return y
@@ -388,13 +414,13 @@ class TiledGemm:
         ((B*Ho*Wo) x O, float32), i.e. the output in channels-last order. The im2col rows are
         formed chunk by chunk in cache (``_im2col_rows``)."""
         g = self.grid
-        sx = self._check_act_scale(act_scale)
-        b = self._check_bias(bias)
-        N, rows = self._conv_rows(xq4, (tuple(kernel_size), tuple(stride), tuple(padding),
+        sx = self.check_act_scale(act_scale)
+        b = self.check_bias(bias)
+        N, rows = self.conv_rows(xq4, (tuple(kernel_size), tuple(stride), tuple(padding),
                                         tuple(dilation)))
         y = np.empty((N, g.O), dtype=np.float32)
         for n0, _, P in self._psums_nk(N, rows):
-            _combine_nk(P, self._srow, self._lim, sx, b, y, n0)
+            combine_nk(P, self._srow, self._lim, sx, b, y, n0)
         return y
 
 

@@ -4,15 +4,19 @@
 model with ``torch.fx`` and replaces each Conv2d / Linear by a ``GemmLayer``: the layer's im2col
 weight matrix W (O x K, K in ``weight.reshape(O, -1)`` order) plus its convolution geometry.
 Everything else in the graph (ReLU, residual adds, pooling, flatten, ...) runs as in torch.
-A ``GemmLayer`` runs in float, in fake-quant (dequantized weights and inputs, torch conv), on
-the tiled-integer kernel of Eq. 5 (``pimsim.kernels``) or, in mode ``crossbar``, on simulated
-crossbar arrays (``pimsim.crossbar.CrossbarGemm``, set up by ``pimsim.crossbar.attach``).
+A ``GemmLayer`` holds its quantization (``LayerQuant``) and runs on the backend its ``mode``
+names (``pimsim.backends``: ``float``, ``fake`` dequantized torch conv, ``kernel`` the
+tiled-integer product of Eq. 5, ``crossbar`` simulated arrays set up by
+``pimsim.crossbar.attach``, or any registered one). This module knows only the backend
+interface and registry, no backend.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,10 +25,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import TiledGemm, conv_out_hw
+from .backends import backend_names, build_backend
+from .kernels import conv_out_hw
 from .quant import TileGrid, qrange, quantize_weight
 
-MODES = ("float", "fake", "kernel", "crossbar")
+DEFAULT_QUANT_MODE = "kernel"       # the mode a float layer switches to when it is quantized
 
 
 class UnsupportedModelError(ValueError):
@@ -106,6 +111,20 @@ class LayerQuant:
         """The layer's integer weights under this quantization."""
         return quantize_weight(w, self.grid, self.w_scales, self.w_bits, self.symmetric)
 
+    def as_symmetric(self) -> "LayerQuant":
+        """This quantization in the symmetric range ``[-(2^(b-1)-1), 2^(b-1)-1]`` that crossbar
+        arrays store (same scales: a weight at ``-2^(b-1)`` is clamped to ``-(2^(b-1)-1)``);
+        ``self`` when it already is."""
+        return self if self.symmetric else dataclasses.replace(self, symmetric=True)
+
+    def check(self) -> None:
+        """ValueError unless the tile scales have the grid's shape and are finite and > 0."""
+        s = np.asarray(self.w_scales, dtype=np.float64)
+        if s.shape != self.grid.shape:
+            raise ValueError(f"scales shape {s.shape} != grid shape {self.grid.shape}")
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            raise ValueError("scales must be finite and > 0")
+
 
 class GemmLayer(nn.Module):
     """A Conv2d or Linear seen as ``Y = W X + b`` with W the O x K im2col weight matrix."""
@@ -143,11 +162,10 @@ class GemmLayer(nn.Module):
         self.register_buffer("weight", w.clone())                    # original shape
         b = module.bias.detach().to(torch.float32).clone() if module.bias is not None else None
         self.register_buffer("bias", b)
-        self.mode = "float"
+        self._mode = "float"
         self.quant: LayerQuant | None = None
-        self._op: TiledGemm | None = None
-        self._w_fake: torch.Tensor | None = None
-        self.xbar = None            # pimsim.crossbar.CrossbarGemm of mode "crossbar"
+        self.wq: np.ndarray | None = None   # integer weights (O x K) under ``quant``
+        self._backends: dict = {}           # built backends by name (see ``backend``)
         self.hook = None            # callable(layer, x) -> x or None, used by calibrators
 
     # -- matrix view ---------------------------------------------------------------------------
@@ -183,34 +201,62 @@ class GemmLayer(nn.Module):
             return 1, 1
         return conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
 
-    # -- quantization --------------------------------------------------------------------------
+    # -- quantization and backends -------------------------------------------------------------
     def set_quant(self, q: LayerQuant) -> None:
-        """Quantize this layer with ``q`` (integer weights and kernel operator built once)."""
+        """Quantize this layer with ``q`` (integer weights formed once; the backends built for
+        the previous quantization are dropped). A float layer switches to mode ``kernel``."""
         if (q.grid.O, q.grid.K) != (self.O, self.K):
             raise ValueError(f"layer {self.name}: grid {q.grid.O}x{q.grid.K} != W {self.O}x{self.K}")
-        w = self.weight_matrix()
-        wq = q.weight_int(w)
+        q.check()
+        self.wq = np.ascontiguousarray(q.weight_int(self.weight_matrix()))
         self.quant = q
-        self._op = TiledGemm(wq, q.grid, q.w_scales, w_bits=q.w_bits, a_bits=q.a_bits,
-                             clamp=q.clamp)
-        wdeq = wq.astype(np.float32) * q.grid.expand(q.w_scales).astype(np.float32)
-        self._w_fake = torch.from_numpy(wdeq).reshape(self.weight.shape)
+        self._backends = {}
         if self.mode == "float":
-            self.mode = "kernel"
+            self.mode = DEFAULT_QUANT_MODE
 
     def clear_quant(self) -> None:
-        self.quant, self._op, self._w_fake, self.xbar = None, None, None, None
+        self.quant, self.wq, self._backends = None, None, {}
         self.mode = "float"
+
+    @property
+    def mode(self) -> str:
+        """The name of the backend this layer runs (``float`` whenever it is not quantized)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, name: str) -> None:
+        if name not in backend_names():
+            raise ValueError(f"layer {self.name}: mode must be one of {backend_names()}, "
+                             f"got {name!r}")
+        self._mode = name
+
+    def _backend(self, name: str):
+        b = self._backends.get(name)
+        if b is None:
+            b = self._backends[name] = build_backend(name, self)
+        return b
+
+    @property
+    def backend(self):
+        """The backend object this layer runs now (``pimsim.backends.Backend``), built from its
+        quantization on first use unless ``set_backend`` built it with options."""
+        return self._backend(self.mode if self.quant is not None else "float")
+
+    def set_backend(self, name: str, **options):
+        """Build backend ``name`` for this layer with ``options`` (e.g. the hardware) and keep it
+        for mode ``name``; the mode itself is not changed. Returns the backend."""
+        b = build_backend(name, self, **options)
+        self._backends[name] = b
+        return b
+
+    def backend_of(self, name: str):
+        """The backend ``name`` already built for this layer's quantization, or None."""
+        return self._backends.get(name)
 
     def set_crossbar(self, crossbar, mapping=None) -> None:
         """Prepare mode "crossbar": this layer's integer weights on arrays of ``crossbar``
         (``mapping``: its ``LayerMapping``). The quantization must be ``symmetric``."""
-        from .crossbar import CrossbarGemm
-        q = self.quant
-        if q is None or not q.symmetric:
-            raise ValueError(f"layer {self.name}: crossbar mode needs a symmetric quantization")
-        self.xbar = CrossbarGemm(self._op.wq, q.grid, q.w_scales, crossbar, q.w_bits, q.a_bits,
-                                 mapping=mapping, name=self.name)
+        self.set_backend("crossbar", crossbar=crossbar, mapping=mapping)
 
     def quantize_input(self, x: torch.Tensor, act_scale: float | None = None) -> torch.Tensor:
         """Integer-valued float32 activations ``clamp(round(x / s_x))`` (Eq. 1)."""
@@ -226,55 +272,24 @@ class GemmLayer(nn.Module):
             return F.linear(x, w, self.bias)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
 
+    def run_backend(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output on backend ``name`` whatever its mode (built if needed)."""
+        return self._backend(name).forward(self, x)
+
     def fake_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantized weights on dequantized inputs, in torch (fast, float32 rounding)."""
-        xq = self.quantize_input(x) * np.float32(self.quant.act_scale)
-        return self.float_forward(xq, self._w_fake)
+        """``run_backend("fake", x)``: dequantized weights on dequantized inputs, in torch."""
+        return self.run_backend("fake", x)
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact tiled-integer product of Eq. 5 on the Numba/BLAS kernel.
-
-        The kernel forms the pixel-major im2col rows chunk by chunk and returns Y^T, which is
-        the conv output in channels-last memory format: no transposition anywhere.
-        """
-        q = self.quant
-        B = x.shape[0]
-        xq = self.quantize_input(x)                                      # integers, as float32
-        if self.kind == "linear":              # any leading dims, like F.linear
-            y = self._op(xq.reshape(-1, self.K), q.act_scale, bias=self.bias, layout="NK")
-            return torch.from_numpy(y).view(*x.shape[:-1], self.O)
-        ho, wo = self.out_hw(x.shape[2], x.shape[3])
-        y = self._op.conv(xq, q.act_scale, self.kernel_size, self.stride, self.padding,
-                          self.dilation, bias=self.bias)                  # (B*ho*wo) x O
-        return torch.from_numpy(y).view(B, ho, wo, self.O).permute(0, 3, 1, 2)
-
-    def crossbar_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer computed on its crossbar arrays (``pimsim.crossbar.CrossbarGemm``)."""
-        if self.xbar is None:
-            raise ValueError(f"layer {self.name}: mode crossbar needs set_crossbar() first")
-        q = self.quant
-        B = x.shape[0]
-        xq = self.quantize_input(x)
-        if self.kind == "linear":
-            y = self.xbar(xq.reshape(-1, self.K), q.act_scale, bias=self.bias)
-            return torch.from_numpy(y).view(*x.shape[:-1], self.O)
-        ho, wo = self.out_hw(x.shape[2], x.shape[3])
-        y = self.xbar.conv(xq, q.act_scale, self.kernel_size, self.stride, self.padding,
-                           self.dilation, bias=self.bias)
-        return torch.from_numpy(y).view(B, ho, wo, self.O).permute(0, 3, 1, 2)
+        """``run_backend("kernel", x)``: the exact tiled-integer product of Eq. 5."""
+        return self.run_backend("kernel", x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hook is not None:
             y = self.hook(self, x)
             if y is not None:
                 return y
-        if self.mode == "float" or self.quant is None:
-            return self.float_forward(x)
-        if self.mode == "fake":
-            return self.fake_forward(x)
-        if self.mode == "crossbar":
-            return self.crossbar_forward(x)
-        return self.kernel_forward(x)
+        return self.backend.forward(self, x)
 
     def extra_repr(self) -> str:
         g = f", tile={self.quant.grid.r}x{self.quant.grid.c}" if self.quant else ""
@@ -302,18 +317,24 @@ class Network(nn.Module):
     def forward(self, x):
         return self.gm(x)
 
-    def run_with_hooks(self, x: torch.Tensor, hooks: dict) -> torch.Tensor:
-        """Forward ``x`` without gradients with ``hooks[name]`` set on those layers (see
-        ``GemmLayer.hook``); every hook is removed afterwards, also on error."""
+    @contextmanager
+    def hooks(self, hooks: dict):
+        """``with net.hooks({name: fn}):`` sets ``hooks[name]`` as those layers' ``hook``
+        (``fn(layer, x)`` sees the layer's input; a non-None return replaces its output) and
+        removes every hook afterwards, also on error."""
         try:
             for l in self.layers:
                 if l.name in hooks:
                     l.hook = hooks[l.name]
-            with torch.no_grad():
-                return self(x)
+            yield self
         finally:
             for l in self.layers:
                 l.hook = None
+
+    def run_with_hooks(self, x: torch.Tensor, hooks: dict) -> torch.Tensor:
+        """Forward ``x`` without gradients inside ``self.hooks(hooks)``."""
+        with self.hooks(hooks), torch.no_grad():
+            return self(x)
 
     def layer(self, name: str) -> GemmLayer:
         for l in self.layers:
@@ -326,9 +347,10 @@ class Network(nn.Module):
         return [l for l in self.layers if l.quant is not None]
 
     def set_mode(self, mode: str) -> None:
-        """Run every quantized layer in ``mode``: ``float``, ``fake``, ``kernel`` or ``crossbar``."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        """Run every quantized layer on backend ``mode`` (``float``, ``fake``, ``kernel``,
+        ``crossbar`` or another registered one); unquantized layers stay ``float``."""
+        if mode not in backend_names():
+            raise ValueError(f"mode must be one of {backend_names()}, got {mode!r}")
         for l in self.layers:
             l.mode = mode if l.quant is not None else "float"
 

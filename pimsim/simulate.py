@@ -18,11 +18,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .calibrate import calibrate
 from .config import Config, ConfigError, resolve_checkpoint
-from .cost import config_cost
+from .cost import config_cost, config_mapping, config_network
 from .kernels import set_threads
 from .data import calibration_set, find_data_dir, load_cifar10, to_tensor
-from .models import build_model
-from .network import Network, build_network
+from .network import Network
 
 
 @dataclass
@@ -39,8 +38,7 @@ def prepare(cfg: Config, data_dir=None) -> Prepared:
     """Find the data, resolve the checkpoint, build and trace the model."""
     ddir = find_data_dir(data_dir or cfg["data.dir"])
     ckpt = resolve_checkpoint(cfg, ddir)
-    model = build_model(cfg["model.name"], checkpoint=ckpt)
-    return Prepared(cfg, ddir, ckpt, build_network(model))
+    return Prepared(cfg, ddir, ckpt, config_network(cfg, checkpoint=ckpt))
 
 
 def evaluate(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500,
@@ -161,7 +159,9 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
         "config": resolved,
         "layers": layer_table(net),
         "reorder": reorder,
-        "cost": config_cost(cfg)["totals"],           # pimsim.cost: per-inference totals
+        # pimsim.cost: per-inference totals of this network on the mapping it ran on
+        "cost": config_cost(cfg, net, mapping if mapping is not None else config_mapping(cfg, net),
+                            image_hw=tuple(images.shape[2:]))["totals"],
     }
     if mapping is not None:
         crossbar_results(out, net, mapping, cfg["eval.backend"] == "crossbar")

@@ -205,7 +205,7 @@ from hypothesis import strategies as st                      # noqa: E402
 
 from pimsim import array_kernels as ak                       # noqa: E402
 from pimsim.crossbar import CrossbarGemm                     # noqa: E402
-from pimsim.kernels import TiledGemm, _combine_nk           # noqa: E402
+from pimsim.kernels import TiledGemm, combine_nk            # noqa: E402
 
 PROP = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                      HealthCheck.data_too_large])
@@ -292,7 +292,7 @@ def test_numba_array_kernel_equals_numpy_reference(p):
     assert op.clipped == clip_ref
     y = op(p["x"], p["sx"], bias=p["bias"])
     y_ref = np.empty_like(y)
-    _combine_nk(P_ref, op.tiled._srow, op.tiled._lim, p["sx"], p["bias"], y_ref, 0)
+    combine_nk(P_ref, op.tiled.row_scales, op.tiled.row_limits, p["sx"], p["bias"], y_ref, 0)
     np.testing.assert_array_equal(y.view(np.uint32), y_ref.view(np.uint32))
     assert op.clipped == 2 * clip_ref
     # recording (the calibrated range): the largest column sum per array, as the reference sees

@@ -1,0 +1,227 @@
+"""The placement of a quantized network's tiles on crossbar arrays (``Mapping``), and the ADC
+conversions that placement implies (``adc_conversions``, shared by the array simulation's
+counters and the cost model).
+
+Placement
+---------
+An array has ``rows`` word lines (inputs) and ``cols`` bit lines (outputs); a cell stores
+``cell_bits`` bits. A quantized layer is the O x K integer matrix ``Wq`` cut by its
+``TileGrid`` into r x c sub-matrices (one scale each). Placement rule:
+
+- An array's word lines carry the inputs of ONE column block j of the grid (its c_j inputs).
+  A column block with c_j > rows is split along K into ``ceil(c_j / rows)`` *segments* (each
+  on its own arrays); the segments' column results are added digitally, after the ADCs,
+  before the tile scale is applied, so the sub-matrix keeps one scale.
+- Along the bit lines every segment holds all O rows of W. A weight occupies
+  ``cols_per_weight`` adjacent bit lines; ``offset`` arrays also hold ``ref_cols`` reference
+  columns each. With ``avail = cols - ref_cols`` and a row block of r rows needing
+  ``r * cols_per_weight`` bit lines: if that fits, an array holds
+  ``row_blocks_per_array = avail // (r * cols_per_weight)`` row blocks side by side and a
+  segment needs ``ceil(row_blocks / row_blocks_per_array)`` arrays; otherwise every row block
+  spans ``ceil(r_i * cols_per_weight / avail)`` arrays of its own (r_i: its actual rows; the
+  bit lines of a row block are filled in order, so the slices of one weight may sit in two
+  neighbouring arrays; every array has its own reference columns).
+- Per layer: ``arrays = segments * arrays_per_segment`` with ``segments = sum_j ceil(c_j /
+  rows)``; ``used_cells = K * (O * cols_per_weight + ref_cols * arrays_per_segment)`` (every
+  input k is one used word line in one segment); ``total_cells = arrays * rows * cols``.
+  Layerwise, channelwise, Method 1 and Method 2 grids all map this way. With ``strict=True``
+  an explicit Method 1 tile (``Granularity`` kind ``tile``, incl. ``quant.tile: crossbar``)
+  must fit one array (``c <= rows`` and ``r * cols_per_weight + ref_cols <= cols``).
+  ``quant.tile: crossbar`` is ``Crossbar.tile_for(w_bits)``: ``c = rows``,
+  ``r = (cols - ref_cols) // cols_per_weight``.
+
+
+ADC conversions
+---------------
+In every DAC cycle every used bit line of every array is converted once (weight slices and
+reference columns). An input vector is applied in ``input_cycles`` cycles per sign pass (1
+pass for non-negative inputs, 2 when the positive and the negative part are applied) to every
+segment, and a segment's arrays hold ``O * cols_per_weight + ref_cols * arrays_per_segment``
+used bit lines, so a layer makes
+``vectors * passes * input_cycles * segments * (O * cols_per_weight + ref_cols *
+arrays_per_segment)`` conversions (``adc_conversions``; ``vectors`` = output pixels x images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..quant import Granularity, TileGrid
+from .geometry import Crossbar
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the mapping needs to know about one quantized layer. ``granularity`` (optional)
+    says whether the grid is an explicit Method 1 tile (checked when ``strict``)."""
+
+    name: str
+    O: int
+    K: int
+    grid: TileGrid
+    w_bits: int
+    a_bits: int
+    granularity: Granularity | None = None
+
+
+@dataclass(frozen=True)
+class LayerMapping:
+    """Placement of one quantized layer's tiles on arrays (see the module docstring)."""
+
+    name: str
+    O: int
+    K: int
+    r: int
+    c: int
+    row_blocks: int
+    col_blocks: int
+    arrays: int
+    cols_per_weight: int
+    used_cells: int
+    total_cells: int
+    utilization: float
+    w_bits: int
+    a_bits: int
+    segments: int = 0                 # sum_j ceil(c_j / rows)
+    row_blocks_per_array: int = 1
+    arrays_per_segment: int = 1       # arrays along the bit lines (same for every segment)
+    ref_cols: int = 0                 # reference columns per array (offset)
+    slices: int = 1
+    input_cycles: int = 1
+    seg_bounds: tuple = field(default=(), repr=False)   # K boundaries of the segments
+
+    @property
+    def used_columns(self) -> int:
+        """Bit lines converted by the ADCs in one cycle of all the layer's arrays:
+        ``segments * (O * cols_per_weight + ref_cols * arrays_per_segment)``."""
+        return self.segments * (self.O * self.cols_per_weight
+                                + self.ref_cols * self.arrays_per_segment)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seg_bounds"] = list(self.seg_bounds)
+        return d
+
+    def column_arrays(self, crossbar: Crossbar) -> np.ndarray:
+        """Array index (0..arrays_per_segment-1, within a segment) of every bit line used by
+        the layer's weights: int64 (O, cols_per_weight)."""
+        cpw, ref = self.cols_per_weight, self.ref_cols
+        avail = crossbar.cols - ref
+        out = np.empty((self.O, cpw), dtype=np.int64)
+        q = np.arange(cpw)
+        if self.r * cpw <= avail:
+            per = self.row_blocks_per_array
+            blk = np.arange(self.O) // self.r
+            out[:] = (blk // per)[:, None]
+        else:
+            base = 0
+            for i in range(self.row_blocks):
+                o0, o1 = i * self.r, min(self.O, (i + 1) * self.r)
+                local = (np.arange(o1 - o0)[:, None] * cpw + q[None]) // avail
+                out[o0:o1] = base + local
+                base += -(-(o1 - o0) * cpw // avail)
+        return out
+
+
+def adc_conversions(lm: LayerMapping, vectors: int, passes: int = 1) -> int:
+    """ADC conversions of ``vectors`` input vectors (output pixels x images) applied to layer
+    ``lm`` in ``passes`` sign passes (1: non-negative inputs, 2: positive and negative part):
+    ``vectors * passes * input_cycles * used_columns`` (module docstring). The one formula
+    behind both ``CrossbarGemm.conversions`` and ``pimsim.cost``'s ``adc_conversions``."""
+    return int(vectors) * int(passes) * lm.input_cycles * lm.used_columns
+
+
+def map_layer(spec: LayerSpec, crossbar: Crossbar, strict: bool = True) -> LayerMapping:
+    """Place one layer (see the module docstring); ValueError if it cannot be placed."""
+    g = spec.grid
+    if (g.O, g.K) != (spec.O, spec.K):
+        raise ValueError(f"layer {spec.name}: grid {g.O}x{g.K} != layer {spec.O}x{spec.K}")
+    problem = crossbar.weight_problem(spec.w_bits)
+    if problem:
+        raise ValueError(f"layer {spec.name}: {problem}")
+    cpw, ref = crossbar.cols_per_weight(spec.w_bits), crossbar.ref_cols(spec.w_bits)
+    if strict and spec.granularity is not None and spec.granularity.kind == "tile":
+        problem = crossbar.tile_problem(g.r, g.c, spec.w_bits)
+        if problem:
+            raise ValueError(f"layer {spec.name}: {problem}")
+    R, avail = crossbar.rows, crossbar.cols - ref
+    bounds = [0]
+    for j in range(g.n_col_blocks):
+        cs = g.col_slice(j)
+        for k0 in range(cs.start, cs.stop, R):
+            bounds.append(min(cs.stop, k0 + R))
+    segments = len(bounds) - 1
+    nrb = g.n_row_blocks
+    if g.r * cpw <= avail:
+        per = avail // (g.r * cpw)
+        per_seg = -(-nrb // per)
+    else:
+        per = 1
+        per_seg = sum(-(-(min(g.O, (i + 1) * g.r) - i * g.r) * cpw // avail) for i in range(nrb))
+    arrays = segments * per_seg
+    used = spec.K * (spec.O * cpw + ref * per_seg)
+    total = arrays * crossbar.rows * crossbar.cols
+    return LayerMapping(
+        name=spec.name, O=spec.O, K=spec.K, r=g.r, c=g.c, row_blocks=nrb,
+        col_blocks=g.n_col_blocks, arrays=arrays, cols_per_weight=cpw, used_cells=used,
+        total_cells=total, utilization=used / total, w_bits=spec.w_bits, a_bits=spec.a_bits,
+        segments=segments, row_blocks_per_array=per, arrays_per_segment=per_seg, ref_cols=ref,
+        slices=crossbar.slices(spec.w_bits), input_cycles=crossbar.input_cycles(spec.a_bits),
+        seg_bounds=tuple(bounds))
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The placement of every quantized layer of a network on crossbar arrays."""
+
+    crossbar: Crossbar
+    layers: tuple  # tuple[LayerMapping, ...], quantized layers in network order
+
+    @property
+    def arrays(self) -> int:
+        return sum(l.arrays for l in self.layers)
+
+    @property
+    def used_cells(self) -> int:
+        return sum(l.used_cells for l in self.layers)
+
+    @property
+    def total_cells(self) -> int:
+        return sum(l.total_cells for l in self.layers)
+
+    @property
+    def utilization(self) -> float:
+        t = self.total_cells
+        return self.used_cells / t if t else 0.0
+
+    @classmethod
+    def from_layers(cls, specs, crossbar: Crossbar, strict: bool = True,
+                    granularity: Granularity | None = None) -> "Mapping":
+        """Map ``LayerSpec``s; ``granularity`` stands in for specs that carry none (it decides
+        whether ``strict`` checks an explicit Method 1 tile)."""
+        out = []
+        for s in specs:
+            if s.granularity is None and granularity is not None:
+                s = LayerSpec(s.name, s.O, s.K, s.grid, s.w_bits, s.a_bits, granularity)
+            out.append(map_layer(s, crossbar, strict))
+        return cls(crossbar, tuple(out))
+
+    @classmethod
+    def from_network(cls, net, crossbar: Crossbar, strict: bool = True,
+                     granularity: Granularity | None = None) -> "Mapping":
+        """Map the quantized layers (``.quant`` set) of a ``pimsim.network.Network``."""
+        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits)
+                 for l in net.quantized_layers]
+        return cls.from_layers(specs, crossbar, strict, granularity)
+
+    def layer(self, name: str) -> LayerMapping:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(f"no mapped layer {name!r}; layers: {[l.name for l in self.layers]}")
+
+    def to_dict(self) -> dict:
+        return {"crossbar": self.crossbar.to_dict(), "arrays": self.arrays,
+                "used_cells": self.used_cells, "total_cells": self.total_cells,
+                "utilization": self.utilization, "layers": [l.to_dict() for l in self.layers]}
