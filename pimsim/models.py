@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -285,7 +286,9 @@ def _read_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{path}: not a readable safetensors file "
                                   f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():      # the published legacy files use protocol 4: fine
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: not a plain weights file ({_weights_only_reason(e)}); "
                               f"pimsim loads tensors only") from None
