@@ -10,17 +10,79 @@ from pathlib import Path
 from . import __version__
 
 
+class OutputError(ValueError):
+    """An output path (``--out``) that cannot be written; names the path."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the value, under the subcommand's usage)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
+    return v
+
+
+def check_out_file(path) -> Path:
+    """Check, before any work, that ``path`` can be written as a file: not a folder, its nearest
+    existing ancestor a folder, and a probe file can be created there (the probe and any
+    folders made for it are removed again). OutputError naming the path otherwise."""
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give a file name (e.g. {out / 'result.json'})")
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"--out {out}: {anc} is a file, not a folder")
+    made = []
+    try:
+        for d in reversed([out.parent, *out.parent.parents]):
+            if not d.exists():
+                d.mkdir()
+                made.append(d)
+        if out.exists():
+            with open(out, "a"):
+                pass
+        else:
+            with open(out, "x"):
+                pass
+            out.unlink()
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    return out
+
+
+def _print_notes(notes, skip=()) -> None:
+    for n in notes:
+        if n not in skip:
+            print(f"pimsim: note: {n}", file=sys.stderr)
+
+
 def _cmd_run(args) -> int:
     from .config import load
     from .simulate import run
+    if args.out:
+        check_out_file(args.out)
     cfg = load(args.config, args.set)
+    _print_notes(cfg.notes)
     if args.backend:
         cfg.data["eval"]["backend"] = args.backend
     res = run(cfg, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)
+    _print_notes(res["notes"], skip=cfg.notes)
     q = res["config"]["quant"]
     print(f"model {res['config']['model']['name']}  W{q['weight_bits']}A{q['act_bits']}  "
           f"tile {cfg.granularity}  calibration {q['calibration']}  "
           f"backend {res['config']['eval']['backend']}")
+    print(f"checkpoint {res['checkpoint']}")
     print(f"{'layer':<20}{'O':>6}{'K':>6}{'tile':>12}{'scales':>8}")
     for l in res["layers"]:
         print(f"{l['name']:<20}{l['O']:>6}{l['K']:>6}{'%dx%d' % tuple(l['tile']):>12}{l['scales']:>8}")
@@ -31,7 +93,7 @@ def _cmd_run(args) -> int:
               f"jointly, {len(ro['frozen_groups'])} frozen (search {ro['search_s']:.1f}s)")
         for g, p in ro["orders"].items():
             print(f"  {g:<20} {' '.join(map(str, p))}")
-    print(f"images {res['images']}  float top-1 {100 * res['fp_top1']:.2f}%  "
+    print(f"images {res['images']}{' (limit capped)' if res['limit_capped'] else ''}  float top-1 {100 * res['fp_top1']:.2f}%  "
           f"quantized top-1 {100 * res['top1']:.2f}%  "
           f"(calibration {res['calibration_s']:.1f}s, eval {res['eval_s']:.1f}s)")
     if "arrays" in res:
@@ -50,7 +112,12 @@ def _cmd_run(args) -> int:
 def _cmd_fetch(args) -> int:
     from .data import fetch
     what = tuple(args.what) if args.what else ("cifar10", "models")
-    paths = fetch(args.dest, what=what, progress=not args.quiet)
+    try:
+        paths = fetch(args.dest, what=what, progress=not args.quiet)
+    except OSError as e:                     # e.g. --dest on a read-only disk or under a file
+        print(f"pimsim: error: fetch into {args.dest}: {e.strerror or e}"
+              f"{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        return 2
     for k, p in paths.items():
         print(f"{k}: {p}")
     return 0
@@ -59,7 +126,10 @@ def _cmd_fetch(args) -> int:
 def _cmd_cost(args) -> int:
     from .config import load
     from .cost import config_cost, format_table, to_json
+    if args.out:
+        check_out_file(args.out)
     cfg = load(args.config, args.set)
+    _print_notes(cfg.notes)
     try:
         res = config_cost(cfg)
     except ValueError as e:                  # a tile that does not fit the crossbar
@@ -80,7 +150,11 @@ def _cmd_cost(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from .plots import plot_results
+    from .plots import plot_results, read_rows
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise OutputError(f"--out {args.out} is a file; give a folder for the PNGs")
+    for f in args.results:                   # check every CSV before drawing any
+        read_rows(f)
     for f in args.results:
         for p in plot_results(f, args.out):
             print(f"wrote {p}")
@@ -91,6 +165,7 @@ def _cmd_sweep(args) -> int:
     from .sweep import SweepError, load, run_sweep
     sweep = load(args.sweep)
     out = args.out or sweep.out
+    check_out_file(out)
     print(f"sweep {args.sweep}: {len(sweep.points)} points -> {out}")
     try:
         res = run_sweep(sweep, out=out, workers=args.workers, scheduler=args.scheduler,
@@ -116,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key by dotted path, value read as YAML "
                         "(e.g. --set quant.tile='[16, 36]'); repeatable")
-    r.add_argument("--limit", type=int, default=None, metavar="N",
+    r.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="evaluate only the first N test images")
     r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     r.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
@@ -152,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep", help="sweep YAML (see pimsim.sweep)")
     sw.add_argument("--scheduler", default=None, metavar="ADDRESS",
                     help="Dask scheduler address (e.g. tcp://host:8786); default: local processes")
-    sw.add_argument("--workers", type=int, default=None, metavar="N",
+    sw.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                     help="local worker processes (default: all cores)")
     sw.add_argument("--out", default=None, metavar="FILE.csv",
                     help="results CSV (default: the sweep's out: key, else SWEEP.csv)")
@@ -176,18 +251,15 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
-    if getattr(args, "limit", None) is not None and args.limit < 1:
-        parser.error("--limit must be >= 1")
-    if getattr(args, "workers", None) is not None and args.workers < 1:
-        parser.error("--workers must be >= 1")
     from .config import ConfigError
-    from .data import DataNotFoundError
+    from .data import DataError, DataNotFoundError, FetchError
     from .models import CheckpointError
     from .network import UnsupportedModelError
+    from .plots import ResultsError
     try:
         return args.fn(args)
-    except (ConfigError, DataNotFoundError, UnsupportedModelError, CheckpointError,
-            FileNotFoundError) as e:
+    except (ConfigError, DataNotFoundError, DataError, FetchError, UnsupportedModelError,
+            CheckpointError, ResultsError, OutputError, FileNotFoundError) as e:
         print(f"pimsim: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

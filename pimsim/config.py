@@ -4,7 +4,7 @@ allowed, and is raised before any work starts.
 Schema (defaults in brackets; see README for the full table):
 
     model.name          zoo model name                                   [resnet20]
-    model.checkpoint    checkpoint file, or null for the zoo default     [null]
+    model.checkpoint    checkpoint file, or null: fine-tuned else published [null]
     quant.weight_bits   2..16                                            [4]
     quant.act_bits      2..16                                            [8]
     quant.tile          channelwise | layerwise | [r, c] | [r, null]     [channelwise]
@@ -151,8 +151,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
         "name": Key("resnet20", _str, "model of the zoo (pimsim.models.MODELS)"),
         "checkpoint": Key(None, _optional(_str),
-                          "checkpoint file; relative paths are looked up beside the YAML file, "
-                          "then in <data dir>/models/; null = the zoo default"),
+                          "checkpoint file (.th / .pt read as tensors only, or .safetensors); "
+                          "relative paths are looked up beside the YAML file, in the working "
+                          "directory, then in <data dir>/models/; null = from <data dir>/models/ "
+                          "the fine-tuned default if present, else the published one"),
     },
     "quant": {
         "weight_bits": Key(4, _int_in(MIN_BITS, MAX_BITS), "weight bits b_w"),
@@ -223,10 +225,12 @@ def parse_override(text: str, source: str = "--set"):
 
 @dataclass
 class Config:
-    """A validated configuration: ``data`` is the resolved nested dict, ``source`` its file."""
+    """A validated configuration: ``data`` is the resolved nested dict, ``source`` its file,
+    ``notes`` remarks for the user that are not errors (e.g. an empty config file)."""
 
     data: dict
     source: str = "<defaults>"
+    notes: tuple[str, ...] = ()
 
     def __getitem__(self, dotted: str):
         sec, _, key = dotted.partition(".")
@@ -347,14 +351,35 @@ def _check_crossbar(data: dict, given: set, origin: dict, source: str) -> None:
 
 
 def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path:
-    """The checkpoint file of ``cfg``: the zoo default or the given path, which must exist."""
-    from .models import DEFAULT_CHECKPOINTS
+    """The checkpoint file of ``cfg``, which must exist.
+
+    ``model.checkpoint: null``: the first of ``pimsim.models.default_checkpoint_names`` found
+    in ``<data dir>/models/`` (the fine-tuned checkpoint beside the JPEG copy of CIFAR-10, else
+    the published one that ``pimsim fetch`` downloads). A relative path is looked up beside the
+    YAML file, in the working directory, then in ``<data dir>/models/``.
+    """
+    from .data import CHECKPOINT_URLS
+    from .models import default_checkpoint_names
     name, ckpt = cfg["model.name"], cfg["model.checkpoint"]
     if ckpt is None:
-        if name not in DEFAULT_CHECKPOINTS:
+        names = default_checkpoint_names(name)
+        if not names:
             raise _err(cfg.source, "model.checkpoint", None,
                        f"model {name} has no default checkpoint; give a file")
-        ckpt = DEFAULT_CHECKPOINTS[name]
+        if data_dir is None:
+            raise _err(cfg.source, "model.checkpoint", None,
+                       f"the default checkpoint of {name} is looked for in <data dir>/models/, "
+                       f"and no data folder is known; give a file")
+        models_dir = Path(data_dir) / "models"
+        for n in names:
+            if (models_dir / n).is_file():
+                return models_dir / n
+        fetchable = [n for n in names if n in CHECKPOINT_URLS]
+        hint = (f"pimsim fetch --what models --dest {data_dir} downloads {fetchable[0]}, or "
+                if fetchable else "")
+        raise _err(cfg.source, "model.checkpoint", None,
+                   f"no default checkpoint of {name} in {models_dir} (looked for "
+                   f"{' or '.join(names)}); {hint}give model.checkpoint a file")
     p = Path(ckpt).expanduser()
     looked = [p] if p.is_absolute() else []
     if not p.is_absolute():
@@ -366,25 +391,41 @@ def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path:
     for cand in looked:
         if cand.is_file():
             return cand
+    hint = ""
+    if p.name in CHECKPOINT_URLS:
+        dest = data_dir if data_dir is not None else "DIR"
+        hint = f"; pimsim fetch --what models --dest {dest} downloads {p.name}"
     raise _err(cfg.source, "model.checkpoint", ckpt,
-               "file not found; looked in " + ", ".join(str(c) for c in looked)
-               + " (pimsim fetch downloads the published checkpoints)")
+               "file not found; looked in " + ", ".join(str(c) for c in looked) + hint)
 
 
 def read_yaml(path, what: str = "config file"):
     """The parsed YAML of ``path``; ConfigError naming the file if it is missing or not YAML."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path} is a folder; give the {what} (a YAML file) inside it")
     if not p.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e})") from None
 
 
 def load(path, overrides=()) -> Config:
-    """Read and validate a YAML config file; ``overrides`` are ``key=value`` strings."""
-    return validate(read_yaml(path), str(path), [parse_override(o) for o in overrides])
+    """Read and validate a YAML config file; ``overrides`` are ``key=value`` strings. A file
+    with nothing in it (or only comments) is accepted, every key taking its default, with a
+    note in ``Config.notes`` saying so."""
+    raw = read_yaml(path)
+    cfg = validate(raw, str(path), [parse_override(o) for o in overrides])
+    if raw is None:
+        cfg.notes = (*cfg.notes, f"{path}: empty config: every key takes its default")
+    return cfg
 
 
 # --------------------------------------------------------------------------- cost: section

@@ -40,6 +40,15 @@ class DataNotFoundError(FileNotFoundError):
     """No folder holding ``cifar-10-batches-py/`` was found."""
 
 
+class DataError(ValueError):
+    """A data file that is not what it should be (corrupt, truncated, wrong contents, or a
+    pickle that asks for more than arrays, lists and dicts); the message names the file."""
+
+
+class FetchError(RuntimeError):
+    """A download that failed; the message names the URL and what to do."""
+
+
 # --------------------------------------------------------------------------- locating
 
 
@@ -89,15 +98,54 @@ def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
 # --------------------------------------------------------------------------- loading
 
 
+# The only globals a CIFAR-10 batch pickle needs: numpy array and scalar reconstruction (numpy
+# 1.x names its module numpy.core, 2.x numpy._core), and _codecs.encode, with which protocol-2
+# pickles written by Python 3 store bytes. Nothing here can run code of the file's choosing.
+_SAFE_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", name) for core in ("core", "_core")
+     for name in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that builds numpy arrays, lists, dicts and strings only: any other
+    global (a function or class the file names) is refused before it is imported."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise DataError(f"{self._path}: refusing to unpickle {module}.{name}: a CIFAR-10 batch "
+                            f"holds only numpy arrays, lists and dicts; pimsim does not run code "
+                            f"from data files")
+        return super().find_class(module, name)
+
+
+def _refetch_hint(path: Path) -> str:
+    return (f"delete it and re-fetch it (pimsim fetch --what cifar10 --dest {path.parent.parent}), "
+            f"or copy it again from where it came from")
+
+
 def _unpickle(path: Path) -> dict:
-    """Unpickle a CIFAR batch file (str or bytes keys) into a dict; ValueError if it is not one."""
+    """Unpickle a CIFAR batch file (str or bytes keys) into a dict with ``_BatchUnpickler``;
+    DataError naming the file if it is not one (refused globals, corrupt or truncated data)."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
-        raise ValueError(f"{path}: not a CIFAR-10 pickle ({e})") from e
+            obj = _BatchUnpickler(f, path).load()
+    except DataError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
+            ValueError, TypeError, MemoryError, OverflowError) as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a readable CIFAR-10 batch, corrupt or truncated ({reason}); "
+                        + _refetch_hint(path)) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+        raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}; "
+                        + _refetch_hint(path))
     return obj
 
 
@@ -107,7 +155,8 @@ def _get(d: dict, key: str, path: Path):
         return d[key]
     if key.encode() in d:
         return d[key.encode()]
-    raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(str(k) for k in d)})")
+    raise DataError(f"{path}: missing key {key!r} (keys: {sorted(str(k) for k in d)}); "
+                    + _refetch_hint(path))
 
 
 def load_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -115,11 +164,20 @@ def load_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     d = _unpickle(path)
     data = np.asarray(_get(d, "data", path))
-    labels = np.asarray(_get(d, "labels", path), dtype=np.int64)
+    try:
+        labels = np.asarray(_get(d, "labels", path), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{path}: 'labels' must be a list of integers ({e}); "
+                        + _refetch_hint(path)) from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' must be uint8 N x 3072, got {data.dtype} {data.shape}")
-    if labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
+        raise DataError(f"{path}: 'data' must be uint8 N x 3072, got {data.dtype} {data.shape}; "
+                        + _refetch_hint(path))
+    if labels.ndim != 1 or labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.size} labels for {data.shape[0]} images; "
+                        + _refetch_hint(path))
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must be 0..9, found {labels.min()}..{labels.max()}; "
+                        + _refetch_hint(path))
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -181,16 +239,27 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+CALIBRATION_BATCH = "data_batch_1"
+
+
 def calibration_set(
     n: int, seed: int, data_dir: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``n`` training images without replacement with ``numpy.random.default_rng(seed)``.
+    """Draw ``n`` images of ``data_batch_1`` without replacement with
+    ``numpy.random.default_rng(seed)``.
 
-    Returns (images uint8 [n, 3, 32, 32], labels int64 [n]) in draw order.
+    Only ``data_batch_1`` is read, whatever other ``data_batch_*`` files are present, so a seed
+    draws the same images from the shared copy (one training batch) and after ``pimsim fetch``
+    (five). Returns (images uint8 [n, 3, 32, 32], labels int64 [n]) in draw order.
     """
-    images, labels = load_cifar10("train", data_dir)
+    path = find_data_dir(data_dir) / CIFAR_FOLDER / CALIBRATION_BATCH
+    if not path.is_file():
+        raise DataNotFoundError(f"calibration batch {path} not found; get it with pimsim fetch "
+                                f"--what cifar10 --dest {path.parent.parent}")
+    images, labels = _cached_batch(path)
     if not 0 < n <= len(images):
-        raise ValueError(f"calibration set size must be in 1..{len(images)}, got {n}")
+        raise DataError(f"{path}: holds {len(images)} images; the calibration set size "
+                        f"(quant.calib_images) must be in 1..{len(images)}, got {n}")
     idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
     return images[idx], labels[idx]
 
@@ -208,17 +277,17 @@ def md5sum(path: str | os.PathLike) -> str:
 
 
 def _check_md5(path: Path, expected: str) -> None:
-    """Raise ValueError naming the file, expected and actual digest if they differ."""
+    """Raise DataError naming the file, expected and actual digest if they differ."""
     got = md5sum(path)
     if got != expected:
-        raise ValueError(f"md5 mismatch for {path}: expected {expected}, got {got}")
+        raise DataError(f"md5 mismatch for {path}: expected {expected}, got {got}")
 
 
 def download(url: str, dest_file: str | os.PathLike, md5: str | None = None, progress: bool = True) -> Path:
     """Download ``url`` to ``dest_file`` via a ``.part`` file, with a progress bar; check ``md5`` if given.
 
-    Raises RuntimeError if the transfer fails and ValueError on an md5 mismatch (nothing is left
-    at ``dest_file`` in either case).
+    Raises FetchError (a RuntimeError naming the URL and what to do) if the transfer fails and
+    DataError (a ValueError) on an md5 mismatch; nothing is left at ``dest_file`` in either case.
     """
     dest_file = Path(dest_file)
     dest_file.parent.mkdir(parents=True, exist_ok=True)
@@ -230,15 +299,23 @@ def download(url: str, dest_file: str | os.PathLike, md5: str | None = None, pro
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError) as e:   # HTTPError, timeouts, no network, disk full
         part.unlink(missing_ok=True)
-        raise RuntimeError(f"download of {url} failed: {e}") from e
+        if isinstance(e, urllib.error.HTTPError):
+            what = f"the server answered HTTP {e.code} {e.reason}"
+        elif isinstance(e, urllib.error.URLError):
+            what = f"{e.reason}; check the internet connection (and a proxy, $https_proxy)"
+        else:
+            what = str(e.strerror or e)
+        raise FetchError(f"download of {url} failed ({what}); run pimsim fetch again, or download "
+                         f"that URL by hand to {dest_file}") from None
     if md5 is not None:
         try:
             _check_md5(part, md5)
         except ValueError as e:
             part.unlink()
-            raise ValueError(f"downloaded {url}: {e}") from e
+            raise DataError(f"downloaded {url}: {e}; the transfer was corrupted, run pimsim fetch "
+                            f"again") from None
     part.replace(dest_file)
     return dest_file
 
@@ -248,7 +325,7 @@ def extract_cifar_archive(
 ) -> Path:
     """Extract the CIFAR-10 python archive into ``dest_dir`` and return ``dest_dir/cifar-10-batches-py``.
 
-    Checks ``md5`` first if given. Refuses (ValueError) members with absolute paths or ``..``
+    Checks ``md5`` first if given. Refuses (DataError, a ValueError) members with absolute paths or ``..``
     components and anything that is not a regular file or folder, and archives without a
     ``cifar-10-batches-py/`` folder.
     """
@@ -260,11 +337,11 @@ def extract_cifar_archive(
         for m in members:
             name = PurePosixPath(m.name)
             if name.is_absolute() or ".." in name.parts:
-                raise ValueError(f"{tar_path}: refusing unsafe member path {m.name!r}")
+                raise DataError(f"{tar_path}: refusing unsafe member path {m.name!r}")
             if not (m.isfile() or m.isdir()):
-                raise ValueError(f"{tar_path}: refusing member {m.name!r} (not a regular file or folder)")
+                raise DataError(f"{tar_path}: refusing member {m.name!r} (not a regular file or folder)")
         if not any(PurePosixPath(m.name).parts[:1] == (CIFAR_FOLDER,) for m in members):
-            raise ValueError(f"{tar_path}: archive does not contain {CIFAR_FOLDER}/")
+            raise DataError(f"{tar_path}: archive does not contain {CIFAR_FOLDER}/")
         dest_dir.mkdir(parents=True, exist_ok=True)
         tar.extractall(dest_dir, members=members, filter="data")
     return dest_dir / CIFAR_FOLDER

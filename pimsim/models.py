@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -14,10 +16,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import find_data_dir
+from .data import CHECKPOINT_URLS, find_data_dir
 
-# Checkpoint file names, within <data_dir>/models/, used by default for each architecture.
+# Checkpoints fine-tuned on the JPEG copy of CIFAR-10 (shared/data/models/, beside that copy):
+# the first choice of ``model.checkpoint: null`` for each architecture.
 DEFAULT_CHECKPOINTS = {"resnet20": "resnet20-cifar10jpg.th", "resnet56": "resnet56-cifar10jpg.th"}
+
+# The published akamaster checkpoints that ``pimsim fetch`` downloads into <dest>/models/
+# (trained on the original CIFAR-10 release): the choice of ``model.checkpoint: null`` where
+# no fine-tuned file is present, as after ``pimsim fetch``.
+PUBLISHED_CHECKPOINTS = {name.split("-")[0]: name for name in CHECKPOINT_URLS}
 
 # Float top-1 on test_batch of the shared data (models/README.md): FLOAT_TOP1[file][n_images],
 # for all 10,000 test images and for the first 1,000.
@@ -250,26 +258,67 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model; names the file."""
 
 
+def _weights_only_reason(e: Exception) -> str:
+    """What torch's weights-only unpickler refused, on one line: the global the file asks for
+    (``it needs io.open``) or torch's own reason (``Unsupported operand 149``)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it needs {m.group(1)}, which a weights-only load refuses"
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = " ".join(m.group(1).split()) if m else type(e).__name__
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
 def _read_checkpoint(path: Path) -> dict:
-    """torch.load on CPU, weights only if possible (falls back to full unpickling otherwise)."""
-    try:
+    """The tensors of a checkpoint file, never running code from it.
+
+    ``.safetensors`` files are read with ``safetensors.torch.load_file``; anything else with
+    ``torch.load(weights_only=True)``, which builds tensors, numbers, strings, lists and dicts
+    only. A pickle that needs more (a class or function of its choosing) is refused with
+    CheckpointError: there is no fallback to full unpickling.
+    """
+    if path.suffix == ".safetensors":
         try:
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 — SafetensorError and friends: name the file
+            raise CheckpointError(f"{path}: not a readable safetensors file "
+                                  f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    try:
+        with warnings.catch_warnings():      # the published legacy files use protocol 4: fine
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not a plain weights file ({_weights_only_reason(e)}); "
+                              f"pimsim loads tensors only") from None
     except Exception as e:  # noqa: BLE001 — any failure to read: say which file and why
         raise CheckpointError(f"{path}: not a readable torch checkpoint "
-                              f"({type(e).__name__}: {e})") from e
+                              f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def _check_finite(path: Path, state: dict) -> None:
+    """CheckpointError naming the file and the first tensor that holds NaN or inf (every
+    tensor is checked, also those of layers that later stay in float)."""
+    for k, v in state.items():
+        if v.is_floating_point() or v.is_complex():
+            bad = ~torch.isfinite(v)
+            if bad.any():
+                n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+                raise CheckpointError(f"{path}: tensor {k} holds {n_nan} NaN and {n_inf} inf "
+                                      f"value(s) of {v.numel()}; the weights are broken")
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a checkpoint into ``model`` and return it in eval mode.
 
     Accepts ``{'state_dict': {...}}`` or a bare state_dict, keys with or without the ``module.``
-    prefix. BatchNorm ``num_batches_tracked`` counters may be absent (the published akamaster
-    checkpoints lack them). Raises FileNotFoundError for a missing file and ValueError naming
-    the file and the first offending keys for missing/unexpected keys or shape mismatches
-    (``CheckpointError``, a ValueError), or for a file torch cannot read.
+    prefix, in a torch file (read with ``weights_only=True``) or a ``.safetensors`` file.
+    BatchNorm ``num_batches_tracked`` counters may be absent (the published akamaster
+    checkpoints lack them). Raises FileNotFoundError for a missing file and CheckpointError (a
+    ValueError) naming the file for a file that needs full unpickling (refused: it could run
+    code), a file that cannot be read, NaN or inf in any tensor (naming it), and
+    missing/unexpected keys or shape mismatches (naming the first offending keys).
     """
     path = Path(path)
     if not path.is_file():
@@ -278,7 +327,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state_dict or {{'state_dict': ...}}, got {type(ckpt).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    bad = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: state_dict entries must be tensors, got "
+                              f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}")
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    _check_finite(path, state)
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -299,11 +353,24 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
+def default_checkpoint_names(name: str) -> list[str]:
+    """The files ``model.checkpoint: null`` stands for, in order of preference, each looked
+    for in ``<data dir>/models/``: the fine-tuned one (``DEFAULT_CHECKPOINTS``, beside the JPEG
+    copy), then the published one (``PUBLISHED_CHECKPOINTS``, what ``pimsim fetch``
+    downloads). Empty for a model with neither."""
+    return [d[name] for d in (DEFAULT_CHECKPOINTS, PUBLISHED_CHECKPOINTS) if name in d]
+
+
 def default_checkpoint_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Return ``<data_dir>/models/<DEFAULT_CHECKPOINTS[name]>`` (data dir found by ``find_data_dir``)."""
-    if name not in DEFAULT_CHECKPOINTS:
-        raise ValueError(f"no default checkpoint for {name!r}; available for: {', '.join(DEFAULT_CHECKPOINTS)}")
-    return find_data_dir(data_dir) / "models" / DEFAULT_CHECKPOINTS[name]
+    """The default checkpoint of ``name`` in ``<data_dir>/models/`` (data dir found by
+    ``find_data_dir``): the first of ``default_checkpoint_names(name)`` that exists, else the
+    first of them (a path that does not exist). ValueError for a model without a default."""
+    names = default_checkpoint_names(name)
+    if not names:
+        have = sorted({*DEFAULT_CHECKPOINTS, *PUBLISHED_CHECKPOINTS})
+        raise ValueError(f"no default checkpoint for {name!r}; available for: {', '.join(have)}")
+    models_dir = find_data_dir(data_dir) / "models"
+    return next((models_dir / n for n in names if (models_dir / n).is_file()), models_dir / names[0])
 
 
 def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None) -> nn.Module:

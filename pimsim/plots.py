@@ -16,6 +16,12 @@ import numpy as np
 from .quant import Granularity
 
 GROUP = ("model", "wbits", "abits", "calibration")
+METHOD_COLUMNS = {"channelwise": (), "layerwise": (), "method1": ("r", "c"), "method2": ("r", "m")}
+
+
+class ResultsError(ValueError):
+    """A results CSV that cannot be plotted (missing columns, no rows, bad values); the message
+    names the file and, for a bad value, the row and column."""
 
 
 def _num(v):
@@ -29,16 +35,45 @@ def _num(v):
 
 
 def read_rows(path) -> list[dict]:
-    """The rows of a results CSV with numbers parsed and empty cells as None."""
+    """The rows of a results CSV with numbers parsed and empty cells as None.
+
+    ResultsError naming the file for a CSV without the columns the plots need (model, wbits,
+    abits, calibration, method, top1), without rows, or with a row whose method is unknown or
+    lacks its r / c / m; FileNotFoundError when it is absent (or a folder)."""
     p = Path(path)
+    if p.is_dir():
+        raise ResultsError(f"{p} is a folder; give a results CSV")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: results file not found")
-    with open(p, newline="") as f:
-        rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    missing = [k for k in (*GROUP, "method", "top1") if rows and k not in rows[0]]
+    try:
+        with open(p, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = [{k: _num(v) for k, v in r.items()} for r in reader]
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise ResultsError(f"{p}: not a readable CSV ({e})") from None
+    missing = [k for k in (*GROUP, "method", "top1") if k not in header]
+    if not header:
+        raise ResultsError(f"{p}: empty file: no header and no rows in {p.name}")
     if missing:
-        raise ValueError(f"{p}: missing column(s) {', '.join(missing)}; expected a pimsim sweep "
-                         f"or granularity CSV")
+        raise ResultsError(f"{p}: missing column(s) {', '.join(missing)}; expected a pimsim "
+                           f"sweep or granularity CSV (columns {', '.join((*GROUP, 'method', 'top1'))}, ...)")
+    if not rows:
+        raise ResultsError(f"{p}: no rows in {p.name} (only the header)")
+    for i, r in enumerate(rows, start=2):                 # line 1 is the header
+        m = r["method"]
+        if m not in METHOD_COLUMNS:
+            raise ResultsError(f"{p}: line {i}: method {m!r} unknown; allowed: "
+                               f"{', '.join(METHOD_COLUMNS)}")
+        for col in METHOD_COLUMNS[m]:
+            v = r.get(col)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ResultsError(f"{p}: line {i}: {m} needs column {col} = an integer >= 1, "
+                                   f"got {'nothing' if v is None else repr(v)}")
+        v = r["top1"]
+        if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
+            raise ResultsError(f"{p}: line {i}: top1 must be a fraction in 0..1 or empty, "
+                               f"got {v!r}")
     return rows
 
 

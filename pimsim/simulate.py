@@ -20,8 +20,9 @@ from .calibrate import calibrate
 from .config import Config, ConfigError, resolve_checkpoint
 from .cost import config_cost, config_mapping, config_network
 from .kernels import set_threads
-from .data import calibration_set, find_data_dir, load_cifar10, to_tensor
+from .data import CIFAR_FOLDER, calibration_set, find_data_dir, load_cifar10, to_tensor
 from .network import Network
+from .provenance import provenance
 
 
 @dataclass
@@ -35,10 +36,27 @@ class Prepared:
 
 
 def prepare(cfg: Config, data_dir=None) -> Prepared:
-    """Find the data, resolve the checkpoint, build and trace the model."""
+    """Find the data, resolve the checkpoint, build and trace the model, and check the layer
+    names of ``quant.float_layers`` against it (ConfigError before any evaluation)."""
     ddir = find_data_dir(data_dir or cfg["data.dir"])
     ckpt = resolve_checkpoint(cfg, ddir)
-    return Prepared(cfg, ddir, ckpt, config_network(cfg, checkpoint=ckpt))
+    net = config_network(cfg, checkpoint=ckpt)
+    check_float_layers(cfg, net)
+    return Prepared(cfg, ddir, ckpt, net)
+
+
+def check_float_layers(cfg: Config, net: Network) -> None:
+    """ConfigError naming the file, ``quant.float_layers``, the unknown names and the network's
+    GEMM layers when the list names a layer the network does not have."""
+    float_layers = cfg["quant.float_layers"]
+    if float_layers == "auto":
+        return
+    names = [l.name for l in net.layers]
+    unknown = [n for n in float_layers if n not in names]
+    if unknown:
+        raise ConfigError(f"{cfg.source}: quant.float_layers: unknown layer(s) "
+                          f"{', '.join(unknown)} for {cfg['model.name']}; its layers: "
+                          f"{', '.join(names)}")
 
 
 def evaluate(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500,
@@ -123,13 +141,30 @@ def layer_table(net: Network) -> list[dict]:
 
 
 def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = True) -> dict:
-    """Calibrate and evaluate the configured network; the result dict of ``pimsim run``."""
+    """Calibrate and evaluate the configured network; the result dict of ``pimsim run``.
+
+    Everything that can be checked is checked before the first evaluation: data, checkpoint
+    (tensors only, finite), ``quant.float_layers``, the calibration batch and the cost model.
+    A ``limit`` above the test-set size is capped: ``"limit_capped"`` is true and ``"notes"``
+    says so (``config.eval.limit`` keeps the requested value, ``"images"`` the count used).
+    ``"checkpoint"`` is the file the weights came from."""
     if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
         raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
     threads = set_threads(cfg["eval.threads"])
     prep = prepare(cfg, data_dir)
     limit = limit or cfg["eval.limit"]
-    images, labels = load_cifar10("test", prep.data_dir, limit=limit)
+    images, labels = load_cifar10("test", prep.data_dir)
+    calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)  # fail early
+    try:
+        shape_mapping = config_mapping(cfg, prep.net)  # the cost model's mapping: fail early
+    except ValueError as e:                        # a tile that does not fit the crossbar
+        raise ConfigError(f"{cfg.source}: {e}") from None
+    notes = list(cfg.notes)
+    if limit is not None and limit > len(images):
+        notes.append(f"limit {limit} is above the {len(images)} images of "
+                     f"{prep.data_dir / CIFAR_FOLDER / 'test_batch'}: capped, evaluating all "
+                     f"{len(images)}")
+    images, labels = images[:limit], labels[:limit]
     bs = cfg["eval.batch_size"]
     net = prep.net
     t0 = time.perf_counter()
@@ -150,6 +185,9 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
         "fp_top1": fp_top1,
         "top1": top1,
         "images": int(len(images)),
+        "checkpoint": str(prep.checkpoint),
+        "limit_capped": limit is not None and limit > len(images),
+        "notes": notes,
         "calibration_s": info["calibration_s"],
         "eval_s": eval_s,
         "fp_eval_s": fp_s,
@@ -160,8 +198,9 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
         "layers": layer_table(net),
         "reorder": reorder,
         # pimsim.cost: per-inference totals of this network on the mapping it ran on
-        "cost": config_cost(cfg, net, mapping if mapping is not None else config_mapping(cfg, net),
+        "cost": config_cost(cfg, net, mapping if mapping is not None else shape_mapping,
                             image_hw=tuple(images.shape[2:]))["totals"],
+        "provenance": provenance(seeds=[cfg["quant.seed"]], threads=threads),
     }
     if mapping is not None:
         crossbar_results(out, net, mapping, cfg["eval.backend"] == "crossbar")

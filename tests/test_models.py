@@ -137,7 +137,7 @@ def test_load_checkpoint_missing_file(tmp_path):
 
 def test_default_checkpoint_unknown():
     with pytest.raises(ValueError, match="resnet20"):
-        models.default_checkpoint_path("resnet110")
+        models.default_checkpoint_path("resnet18")      # no fine-tuned nor published file
 
 
 # --------------------------------------------------------------------------- real data
