@@ -66,8 +66,12 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 from tqdm.auto import tqdm
 
+from .calibrate import method_params, quantize_layer, record_float_outputs, resolve_float_layers
+from .methods import get_method
 from .network import GemmLayer, Network
-from .quant import Granularity, qrange
+from .ptqsl import (GramEval, LayerProblem, algorithm1, candidate_factors, check_params,
+                    fake_quant, search_act_scale)
+from .quant import Granularity, max_scale, qrange
 
 METHODS = ("none", "random", "evolution")
 DEFAULTS = {"population": 20, "generations": 30, "swaps": 2, "seed": 0}
@@ -538,11 +542,10 @@ def ptqsl_weight_error(W: np.ndarray, grid, w_bits: int, factors: np.ndarray, ro
                        st: dict, bias: np.ndarray,
                        symmetric: bool = False) -> tuple[float, np.ndarray]:
     """Algorithm 1 (Euclidean) on Gram statistics, then the resulting output error and scales."""
-    from .ptqsl import _GramEval, _fake, algorithm1
-    S, _ = algorithm1(W, grid, w_bits, factors, rounds, _GramEval(st, bias, "euclidean"),
+    S, _ = algorithm1(W, grid, w_bits, factors, rounds, GramEval(st, bias, "euclidean"),
                       "euclidean", symmetric=symmetric)
     lo, hi = qrange(w_bits, symmetric)
-    return gram_error(_fake(W, grid.expand(S), lo, hi), st, bias), S
+    return gram_error(fake_quant(W, grid.expand(S), lo, hi), st, bias), S
 
 
 class LayerScorer:
@@ -551,8 +554,6 @@ class LayerScorer:
 
     def __init__(self, layer: GemmLayer, x: torch.Tensor, target: torch.Tensor,
                  gran: Granularity, w_bits: int, a_bits: int, params: dict | None = None):
-        from .ptqsl import (LayerProblem, candidate_factors, check_params, max_scale,
-                            search_act_scale)
         p = check_params({**(params or {}), "metric": "euclidean", "mode": "gram"})
         self.name, self.kk = layer.name, _kk(layer)
         self.grid = gran.resolve(layer.O, layer.K)
@@ -623,11 +624,10 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
     """Calibrate the named layers (in network order, each seeing the earlier quantized layers
     in fake mode) in one forward pass that stops after ``stop_after`` (default: the last named
     layer). Returns ``{name: (input, float target)}`` for the layers in ``record``."""
-    from .calibrate import _METHOD_FNS, NEEDS_TARGET, quantize_layer, record_float_outputs
-    fn = _METHOD_FNS[method]
+    m = get_method(method)
     params = dict(params or {})
     names = [l.name for l in net.layers if l.name in set(names)]
-    need = set(record) | (set(names) if method in NEEDS_TARGET else set())
+    need = set(record) | (set(names) if m.needs_target else set())
     targets = record_float_outputs(net, images, need) if need else {}
     for n in names:
         net.layer(n).clear_quant()
@@ -641,7 +641,7 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
         if layer.name in record:
             kept[layer.name] = (x, t)
         if layer.name in names:
-            quantize_layer(fn, layer, x, t, gran, w_bits, a_bits, params)
+            quantize_layer(m.fn, layer, x, t, gran, w_bits, a_bits, params)
         if layer.name == last:
             raise _Stop
         return None
@@ -728,7 +728,6 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
     ``method``. Returns ``{"method", "orders", "segments", "search_s", "scoring_s", ...}``
     (``search_s``: the whole call, calibrations included).
     """
-    from .calibrate import method_params, resolve_float_layers
     check_search_params(population, generations, swaps, seed)
     t_start = time.perf_counter()
     ro = reorderer or Reorderer(net)
