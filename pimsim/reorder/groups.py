@@ -66,12 +66,12 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 from tqdm.auto import tqdm
 
-from .calibrate import method_params, quantize_layer, record_float_outputs, resolve_float_layers
-from .methods import get_method
-from .network import GemmLayer, Network
-from .ptqsl import (GramEval, LayerProblem, algorithm1, candidate_factors, check_params,
+from ..calibrate import method_params, quantize_layer, record_float_outputs, resolve_float_layers
+from ..methods import get_method
+from ..network import GemmLayer, Network
+from ..ptqsl import (GramEval, LayerProblem, algorithm1, candidate_factors, check_params,
                     fake_quant, search_act_scale)
-from .quant import Granularity, max_scale, qrange
+from ..quant import Granularity, max_scale, qrange
 
 METHODS = ("none", "random", "evolution")
 DEFAULTS = {"population": 20, "generations": 30, "swaps": 2, "seed": 0}
