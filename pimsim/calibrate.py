@@ -3,10 +3,8 @@
 Layers are calibrated in network order in one pass over the calibration batch: when the pass
 reaches a layer, all earlier layers are already quantized, so the layer sees the input the
 quantized network really gives it; it picks its scales, quantizes itself, and its quantized
-output feeds the next layer. Methods: ``max`` (``s = max|W_ij| / (2^(b-1)-1)`` per tile,
-activation scale from the max of the calibration input), and from ``pimsim.ptqsl``: ``ptqsl``
-(activation-scale search + Algorithm 1 against the float layer output) and ``mse`` (per-tile
-weight-MSE search, no data).
+output feeds the next layer. The method is looked up by name in ``pimsim.methods`` (built in:
+``max``, ``mse``, ``ptqsl``; ``register_method`` adds more).
 """
 
 from __future__ import annotations
@@ -16,33 +14,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .methods import get_method
 from .network import GemmLayer, LayerQuant, Network
-from .quant import Granularity, max_scale, max_scales
-
-
-def _max_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_bits: int,
-                a_bits: int, params: dict) -> LayerQuant:
-    grid = gran.resolve(layer.O, layer.K)
-    w_scales = max_scales(layer.weight_matrix(), grid, w_bits)
-    act_scale = float(max_scale(float(x.abs().max()), a_bits))
-    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"})
-
-
-# A method: fn(layer, x, target, gran, w_bits, a_bits, params) -> LayerQuant, where x is the
-# layer's input in the (partly) quantized network and target its float output (None unless the
-# method is listed in NEEDS_TARGET). ``params["symmetric"]`` (present only when true) asks for
-# integers in [-(2^(b-1)-1), 2^(b-1)-1]; a method that ignores it (like ``max``, whose scales
-# max|w| / (2^(b-1)-1) never reach -2^(b-1)) gets its weights clamped to that range afterwards
-# (``quantize_layer``).
-_METHOD_FNS = {"max": _max_method}
-NEEDS_TARGET: set[str] = set()
-
-
-def register_method(name: str, fn, needs_target: bool = False) -> None:
-    """Make ``fn`` available as calibration method ``name``."""
-    _METHOD_FNS[name] = fn
-    if needs_target:
-        NEEDS_TARGET.add(name)
+from .quant import Granularity
 
 
 def record_float_outputs(net: Network, images: torch.Tensor, names) -> dict:
@@ -108,22 +82,22 @@ def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int
     (the methods search their scales for it).
     Returns ``{"calibration_s", "float_layers"}``.
     """
-    if method not in _METHOD_FNS:
-        raise ValueError(f"calibration method must be one of {sorted(_METHOD_FNS)}, got {method!r}")
-    fn = _METHOD_FNS[method]
+    m = get_method(method)
     params = method_params(params, symmetric)
+    if m.check_params is not None:
+        m.check_params(params)                    # fail before the pass, not at its first layer
     keep = resolve_float_layers(net, float_layers)
     todo = [l for l in net.layers if l.name not in keep]
     for l in net.layers:
         l.clear_quant()
     t0 = time.perf_counter()
     targets = (record_float_outputs(net, images, {l.name for l in todo})
-               if method in NEEDS_TARGET else {})
+               if m.needs_target else {})
     bar = tqdm(total=len(todo), desc=f"calibrate ({method})", disable=not progress, leave=False)
 
     def hook(layer: GemmLayer, x: torch.Tensor):
         layer.hook = None
-        quantize_layer(fn, layer, x, targets.pop(layer.name, None), gran, w_bits, a_bits, params)
+        quantize_layer(m.fn, layer, x, targets.pop(layer.name, None), gran, w_bits, a_bits, params)
         bar.update(1)
         return None
 
@@ -137,5 +111,3 @@ def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int
     return {"calibration_s": time.perf_counter() - t0,
             "float_layers": [l.name for l in net.layers if l.name in keep]}
 
-
-from . import ptqsl  # noqa: E402,F401  — registers the "ptqsl" and "mse" methods

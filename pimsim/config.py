@@ -9,7 +9,7 @@ Schema (defaults in brackets; see README for the full table):
     quant.act_bits      2..16                                            [8]
     quant.tile          channelwise | layerwise | [r, c] | [r, null]     [channelwise]
     quant.splits        m of Method 2 (with tile [r, null]), or null     [null]
-    quant.calibration   max | mse | ptqsl                                [ptqsl]
+    quant.calibration   a method of pimsim.methods: max | mse | ptqsl    [ptqsl]
     quant.metric        euclidean | cosine (PTQ-SL objective)            [euclidean]
     quant.search.*      alpha [0.5], beta [1.2], candidates [100], rounds [3],
                         mode gram|direct [gram], act_search golden|grid [golden]
@@ -42,9 +42,10 @@ from pathlib import Path
 
 import yaml
 
+from .methods import get_method, method_names
+from .ptqsl import check_params as check_search_params
 from .quant import Granularity, MAX_BITS, MIN_BITS
 
-CALIBRATIONS = ("max", "mse", "ptqsl")
 BACKENDS = ("kernel", "fake", "crossbar")
 REORDER_METHODS = ("none", "random", "evolution")
 
@@ -84,6 +85,12 @@ def _one_of(options):
     return lambda v: None if v in options else f"must be one of {', '.join(options)}"
 
 
+def _method(v):
+    """A registered calibration method (read when checked: methods registered later count)."""
+    names = method_names()
+    return None if v in names else f"must be one of {', '.join(names)}"
+
+
 def _str(v):
     return None if isinstance(v, str) and v else "must be a non-empty string"
 
@@ -111,9 +118,8 @@ def _search(v):
     if "symmetric" in v:
         return ("symmetric is not a search option: calibration uses the symmetric integer range "
                 "exactly when the config has a crossbar: section")
-    from .ptqsl import check_params      # lazy import: avoids a cycle
     try:
-        check_params(v)
+        check_search_params(v)
     except ValueError as e:
         return str(e)
     return None
@@ -162,7 +168,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tile": Key("channelwise", _tile, "sub-matrix shape: channelwise, layerwise, [r, c] "
                     "(Method 1) or [r, null] with splits (Method 2)"),
         "splits": Key(None, _optional(_int_in(1)), "m of Method 2: c = ceil(K / m)"),
-        "calibration": Key("ptqsl", _one_of(CALIBRATIONS), "scale calibration method"),
+        "calibration": Key("ptqsl", _method, "scale calibration method (pimsim.methods)"),
         "metric": Key("euclidean", _one_of(("euclidean", "cosine")),
                       "PTQ-SL objective (Eq. 6): euclidean ||Y-Ŷ|| or cosine 1-cos(Y,Ŷ)"),
         "search": Key({"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3,
@@ -323,8 +329,24 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
     if splits is not None and not (isinstance(tile, list) and tile[1] is None):
         raise _err(origin.get("quant.splits", source), "quant.splits", splits,
                    "only with quant.tile: [r, null]")
+    _check_method_params(data, origin, source)
     _check_crossbar(data, given, origin, source)
     return Config(data, source)
+
+
+def _check_method_params(data: dict, origin: dict, source: str) -> None:
+    """The chosen method's own check of its options ``{**quant.search, "metric": quant.metric}``
+    (``quant.search`` itself is always checked as the PTQ-SL search options, which the reorder
+    search scores orders with whatever the method)."""
+    q = data["quant"]
+    method = get_method(q["calibration"])
+    if method.check_params is None or method.check_params is check_search_params:
+        return                                    # nothing to check / checked already
+    try:
+        method.check_params({**q["search"], "metric": q["metric"]})
+    except ValueError as e:
+        raise _err(origin.get("quant.calibration", source), "quant.calibration", method.name,
+                   f"its options (quant.search, quant.metric): {e}") from None
 
 
 def _check_crossbar(data: dict, given: set, origin: dict, source: str) -> None:

@@ -1,6 +1,7 @@
 """PTQ-SL calibration (Algorithm 1 of the paper) and the weight-only ``mse`` baseline.
 
-Registers two calibration methods with ``pimsim.calibrate`` at import time:
+Two calibration methods (registered under these names by ``pimsim.methods``; this module does
+not import the registry):
 
 ``ptqsl``  (needs the float network's layer output ``Y*``)
     The per-layer pipeline of the paper, in the im2col view ``Y = W X + b`` (W is O x K,
@@ -60,7 +61,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibrate import register_method
 from .network import GemmLayer, LayerQuant
 from .quant import Granularity, TileGrid, max_scale, max_scales, qrange, quantize_weight
 
@@ -320,8 +320,11 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
 
 
-class _GramEval:
-    """Per-candidate error terms of one column block from ``H``, ``G`` (no samples)."""
+class GramEval:
+    """The evaluator of ``algorithm1`` on Gram statistics (``LayerProblem.gram_stats``: ``H``,
+    ``Gs``, ``u``, ``ys``, ``yy``, ``N``) and the bias: per-candidate error terms of one column
+    block from ``H``, ``G``, never touching the samples. ``pimsim.reorder`` runs it on permuted
+    statistics to score channel orders."""
 
     def __init__(self, st: dict, bias: np.ndarray, metric: str):
         self.H, self.Gs, self.u, self.ys, self.N = st["H"], st["Gs"], st["u"], st["ys"], st["N"]
@@ -374,8 +377,9 @@ class _GramEval:
         return self._terms(cs, Z, zc, rows_to_rb)
 
 
-class _DirectEval:
-    """Per-candidate error terms of one column block evaluated on the samples (Eq. 6)."""
+class DirectEval:
+    """The evaluator of ``algorithm1`` on the samples (Eq. 6 literally, ``mode="direct"``):
+    per-candidate error terms of one column block from ``Xq`` and ``Y*``."""
 
     def __init__(self, Xq: np.ndarray, Y: np.ndarray, bias: np.ndarray, metric: str):
         self.Xq, self.Y, self.b, self.metric = Xq, Y, bias, metric
@@ -419,8 +423,9 @@ class _DirectEval:
         return np.stack(pa), np.stack(pn)
 
 
-def _fake(w, s, lo, hi):
-    """``s * clamp(round(w / s))`` (float64 division, half to even: ``pimsim.quant.quantize``)."""
+def fake_quant(w, s, lo, hi):
+    """Dequantized weights ``s * clamp(round(w / s), lo, hi)`` (element-wise scales ``s``, e.g.
+    ``TileGrid.expand``; float64 division, half to even as ``pimsim.quant.quantize``)."""
     return s * np.clip(np.rint(w / s), lo, hi)
 
 
@@ -438,7 +443,7 @@ def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, 
     """Greedy coordinate descent over the tile scales of the O x K matrix ``W``.
 
     ``evaluator`` gives, for the candidates of one column block, per-row-block error terms
-    (``_GramEval`` or ``_DirectEval``). Returns (scales, info). ``symmetric``: integers in
+    (``GramEval`` or ``DirectEval``). Returns (scales, info). ``symmetric``: integers in
     ``[-(2^(b-1)-1), 2^(b-1)-1]``.
 
     Ties: a tile moves only to a candidate better than its current scale by more than the
@@ -465,7 +470,7 @@ def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, 
     def rows_to_rb(v):
         return np.add.reduceat(v, rb_starts, axis=1)
 
-    What = _fake(W, grid.expand(S), lo, hi)
+    What = fake_quant(W, grid.expand(S), lo, hi)
     # numerical ties: errors closer than TOL_EUCLID x the row block's output energy
     tol = TOL_EUCLID * rows_to_rb(evaluator.energy(What)[None])[0]
     changes = []
@@ -477,7 +482,7 @@ def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, 
             Wj = W[:, cs]
             zc = What[:, cs].copy()
             St = cands[:, rb_of_row, j][:, :, None]          # (n, O, 1)
-            Z = np.concatenate([_fake(Wj[None], St, lo, hi), zc[None]])   # current last
+            Z = np.concatenate([fake_quant(Wj[None], St, lo, hi), zc[None]])   # current last
             ci = np.where(cur_idx[:, j] >= 0, cur_idx[:, j], n)          # (nrb,)
             if metric == "euclidean":
                 Fv = evaluator.euclid(cs, Z, zc, rows_to_rb)           # (n + 1, nrb)
@@ -546,10 +551,10 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     # 2. Algorithm 1 with s_x = s1 fixed
     t0 = time.perf_counter()
     if p["mode"] == "gram":
-        ev = _GramEval(prob.gram_stats(s1), prob.bias, metric)
+        ev = GramEval(prob.gram_stats(s1), prob.bias, metric)
     else:
         Xq, Y = prob.direct_data(s1)
-        ev = _DirectEval(Xq, Y, prob.bias, metric)
+        ev = DirectEval(Xq, Y, prob.bias, metric)
     times["stats_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     S, ainfo = algorithm1(W, grid, w_bits, factors, p["rounds"], ev, metric, prob.t2, sym)
@@ -589,7 +594,7 @@ def mse_scales(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray,
 
     def tile_err(S):                                    # S: (m, nrb, ncb) -> (m, nrb, ncb)
         Sx = np.repeat(np.repeat(S, grid.r, axis=1)[:, :grid.O], grid.c, axis=2)[:, :, :grid.K]
-        e = W[None] - _fake(W[None], Sx, lo, hi)
+        e = W[None] - fake_quant(W[None], Sx, lo, hi)
         e *= e
         return np.add.reduceat(np.add.reduceat(e, rb_starts, axis=1), cb_starts, axis=2)
 
@@ -618,6 +623,3 @@ def mse_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_b
     return LayerQuant(grid, S, act_scale, w_bits, a_bits, info={"method": "mse"},
                       symmetric=p["symmetric"])
 
-
-register_method("ptqsl", ptqsl_method, needs_target=True)
-register_method("mse", mse_method, needs_target=False)

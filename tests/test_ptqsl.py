@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import pimsim.calibrate as calib
 from pimsim import ptqsl
+from pimsim.methods import get_method
 from pimsim.network import GemmLayer
 from pimsim.quant import Granularity, max_scale, max_scales, qrange, quantize_weight
 from pimsim.testing import CHECKPOINT, data_dir_or_skip
@@ -56,8 +57,8 @@ def gran_from(kind, a, b):
 # --------------------------------------------------------------------------------------------
 
 def test_methods_registered():
-    assert "ptqsl" in calib._METHOD_FNS and "ptqsl" in calib.NEEDS_TARGET
-    assert "mse" in calib._METHOD_FNS and "mse" not in calib.NEEDS_TARGET
+    assert get_method("ptqsl").fn is ptqsl.ptqsl_method and get_method("ptqsl").needs_target
+    assert get_method("mse").fn is ptqsl.mse_method and not get_method("mse").needs_target
 
 
 def test_defaults():
@@ -81,9 +82,9 @@ def test_bad_params(key, value):
         ptqsl.check_params({key: value})
     layer, x, t = make_problem("linear", 3, 4)
     with pytest.raises(ValueError, match=key):
-        calib._METHOD_FNS["ptqsl"](layer, x, t, Granularity.channelwise(), 4, 8, {key: value})
+        get_method("ptqsl").fn(layer, x, t, Granularity.channelwise(), 4, 8, {key: value})
     with pytest.raises(ValueError, match=key):
-        calib._METHOD_FNS["mse"](layer, x, None, Granularity.channelwise(), 4, 8, {key: value})
+        get_method("mse").fn(layer, x, None, Granularity.channelwise(), 4, 8, {key: value})
 
 
 def test_ptqsl_needs_target():
@@ -271,7 +272,7 @@ def test_algorithm1_never_worse_than_init(metric, gran):
     b = prob.bias
 
     def err(S):
-        Yh = ptqsl._fake(W, grid.expand(S), *qrange(3)) @ Xq + b[:, None]
+        Yh = ptqsl.fake_quant(W, grid.expand(S), *qrange(3)) @ Xq + b[:, None]
         if metric == "euclidean":
             return float(((Y - Yh) ** 2).sum())
         return 1 - float((Y * Yh).sum()) / np.sqrt(float((Yh * Yh).sum()) * float((Y * Y).sum()))
@@ -279,7 +280,7 @@ def test_algorithm1_never_worse_than_init(metric, gran):
     S0 = max_scales(W, grid, 3)
     prev = err(S0)
     for rounds in (1, 2, 3):
-        ev = ptqsl._GramEval(prob.gram_stats(s), b, metric)
+        ev = ptqsl.GramEval(prob.gram_stats(s), b, metric)
         S, info = ptqsl.algorithm1(W, grid, 3, np.linspace(0.5, 1.2, 30), rounds, ev, metric, prob.t2)
         e = err(S)
         assert e <= prev * (1 + 1e-12)

@@ -20,8 +20,8 @@ from pimsim.calibrate import calibrate
 from pimsim.config import ConfigError, validate
 from pimsim.models import build_model, resnet18
 from pimsim.network import GemmLayer, build_network
-from pimsim.ptqsl import (LayerProblem, _DirectEval, _fake, algorithm1, candidate_factors,
-                          check_params)
+from pimsim.ptqsl import (DirectEval, LayerProblem, algorithm1, candidate_factors, check_params,
+                          fake_quant)
 from pimsim.quant import Granularity, qrange
 from pimsim.testing import CHECKPOINT, data_dir_or_skip, restored_threads
 
@@ -328,9 +328,9 @@ def test_layer_scorer_equals_direct_scoring_on_permuted_data():
         W = lp.weight_matrix().astype(np.float64)
         grid = gran.resolve(8, 54)
         S, _ = algorithm1(W, grid, 4, candidate_factors(p), p["rounds"],
-                          _DirectEval(Xq, Y, prob.bias, "euclidean"), "euclidean")
+                          DirectEval(Xq, Y, prob.bias, "euclidean"), "euclidean")
         lo, hi = qrange(4)
-        What = _fake(W, grid.expand(S), lo, hi)
+        What = fake_quant(W, grid.expand(S), lo, hi)
         want = float(np.linalg.norm(Y - What @ Xq - prob.bias[:, None]))
         assert got == pytest.approx(want, rel=1e-9)
         assert R.ptqsl_weight_error(W, grid, 4, candidate_factors(p), p["rounds"],

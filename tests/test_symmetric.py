@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pimsim.calibrate as calib
+from pimsim import methods
 from pimsim import ptqsl
 from pimsim import reorder as R
 from pimsim.config import ConfigError, validate
@@ -115,20 +116,22 @@ def test_calibrate_symmetric_every_method(method):
             grid = gran.resolve(layer.O, layer.K)
             return LayerQuant(grid, max_scales(layer.weight_matrix(), grid, w_bits) * 0.6, 0.05,
                               w_bits, a_bits)
-        calib.register_method("ignores-flag", fn)
-    net = small_net()
-    x = torch.randn(6, 3, 8, 8)
-    calib.calibrate(net, x, Granularity.tile(4, 9), 3, 6, method=method, float_layers=[],
-                    progress=False, params={"candidates": 15} if method != "max" else {},
-                    symmetric=True)
-    for l in net.layers:
-        assert l.quant.symmetric
-        assert l.quant.weight_int(l.weight_matrix()).min() >= -3
-    net.set_mode("fake")
-    with torch.no_grad():
-        assert torch.isfinite(net(x)).all()
-    if method == "ignores-flag":
-        calib._METHOD_FNS.pop("ignores-flag")
+        methods.register_method("ignores-flag", fn)
+    try:
+        net = small_net()
+        x = torch.randn(6, 3, 8, 8)
+        calib.calibrate(net, x, Granularity.tile(4, 9), 3, 6, method=method, float_layers=[],
+                        progress=False, params={"candidates": 15} if method != "max" else {},
+                        symmetric=True)
+        for l in net.layers:
+            assert l.quant.symmetric
+            assert l.quant.weight_int(l.weight_matrix()).min() >= -3
+        net.set_mode("fake")
+        with torch.no_grad():
+            assert torch.isfinite(net(x)).all()
+    finally:
+        if method == "ignores-flag":
+            methods.unregister_method("ignores-flag")
 
 
 def test_reorder_search_symmetric():

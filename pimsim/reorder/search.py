@@ -1,0 +1,204 @@
+"""The evolutionary search of the paper over the segments' channel orders, and the segment-wise
+calibration pass it interleaves with.
+
+**Evolutionary search** (``evolve``), per segment in network order: population
+``population`` (the identity order plus random orders), ``generations`` times {score new orders;
+keep the top 50%; breed each replacement from a random survivor by ``swaps`` random
+transpositions; replace the worst}; the best order is applied, the segment calibrated for real,
+and the search moves on. Seeded with ``numpy.random.default_rng(seed)``: same seed, same orders.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..calibrate import method_params, quantize_layer, record_float_outputs, resolve_float_layers
+from ..methods import get_method
+from ..network import Network
+from ..quant import Granularity
+from .groups import find_segments
+from .permute import Reorderer
+from .score import LayerScorer, SegmentScorer
+
+METHODS = ("none", "random", "evolution")
+DEFAULTS = {"population": 20, "generations": 30, "swaps": 2, "seed": 0}
+
+# --------------------------------------------------------------------------------------------
+# segment-wise calibration
+# --------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran: Granularity,
+                     w_bits: int, a_bits: int, method: str = "ptqsl", params: dict | None = None,
+                     record=(), stop_after: str | None = None) -> dict:
+    """Calibrate the named layers (in network order, each seeing the earlier quantized layers
+    in fake mode) in one forward pass that stops after ``stop_after`` (default: the last named
+    layer). Returns ``{name: (input, float target)}`` for the layers in ``record``."""
+    m = get_method(method)
+    params = dict(params or {})
+    names = [l.name for l in net.layers if l.name in set(names)]
+    need = set(record) | (set(names) if m.needs_target else set())
+    targets = record_float_outputs(net, images, need) if need else {}
+    for n in names:
+        net.layer(n).clear_quant()
+    pos = {l.name: i for i, l in enumerate(net.layers)}
+    last = stop_after or max(list(names) + list(record), key=pos.get, default=None)
+    kept = {}
+
+    def hook(layer, x):
+        layer.hook = None
+        t = targets.get(layer.name)
+        if layer.name in record:
+            kept[layer.name] = (x, t)
+        if layer.name in names:
+            quantize_layer(m.fn, layer, x, t, gran, w_bits, a_bits, params)
+        if layer.name == last:
+            raise _Stop
+        return None
+
+    hooked = set(names) | set(record) | ({last} if last else set())
+    if not hooked:
+        return kept
+    try:
+        net.run_with_hooks(images, {n: hook for n in hooked})
+    except _Stop:
+        pass
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# the evolutionary search
+# --------------------------------------------------------------------------------------------
+
+def check_search_params(population, generations, swaps, seed) -> None:
+    for v, what, lo in ((population, "population", 2), (generations, "generations", 0),
+                        (swaps, "swaps", 1), (seed, "seed", 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"reorder {what} must be an integer >= {lo}, got {v!r}")
+
+
+def _mutate(parent: dict, sizes: dict, swaps: int, rng: np.random.Generator) -> dict:
+    """A copy of ``parent`` with ``swaps`` random transpositions (group drawn by size)."""
+    child = {n: p.copy() for n, p in parent.items()}
+    names = [n for n in child if sizes[n] > 1]
+    if not names:
+        return child
+    w = np.array([sizes[n] for n in names], dtype=np.float64)
+    for _ in range(swaps):
+        n = names[int(rng.choice(len(names), p=w / w.sum()))] if len(names) > 1 else names[0]
+        i, j = rng.choice(sizes[n], size=2, replace=False)
+        child[n][i], child[n][j] = child[n][j], child[n][i]
+    return child
+
+
+def evolve_segment(scorer: SegmentScorer, sizes: dict, base: dict, population: int,
+                   generations: int, swaps: int, rng: np.random.Generator, bar=None) -> dict:
+    """The evolutionary search of one segment. Returns best orders, scores and counts."""
+    def key(o):
+        return b"".join(o[n].tobytes() for n in sorted(o))
+
+    cache = {}
+
+    def score(o):
+        k = key(o)
+        if k not in cache:
+            cache[k] = scorer.score(o)
+        return cache[k]
+
+    pop = [{n: p.copy() for n, p in base.items()}]
+    pop += [{n: rng.permutation(sizes[n]) for n in base} for _ in range(population - 1)]
+    scores = [score(o) for o in pop]
+    base_score = scores[0]
+    keep = population - population // 2
+    history = [max(scores)]
+    for _ in range(generations):
+        rank = sorted(range(len(pop)), key=lambda i: -scores[i])      # stable: ties keep order
+        pop, scores = [pop[i] for i in rank[:keep]], [scores[i] for i in rank[:keep]]
+        while len(pop) < population:
+            child = _mutate(pop[int(rng.integers(keep))], sizes, swaps, rng)
+            pop.append(child)
+            scores.append(score(child))
+        history.append(max(scores))
+        if bar is not None:
+            bar.update(1)
+    best = max(range(len(pop)), key=lambda i: (scores[i], -i))
+    return {"orders": pop[best], "score": scores[best], "identity_score": base_score,
+            "history": history, "evaluations": len(cache)}
+
+
+def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
+           method: str = "ptqsl", params: dict | None = None, float_layers="auto",
+           population: int = 20, generations: int = 30, swaps: int = 2, seed: int = 0,
+           progress: bool = True, reorderer: Reorderer | None = None,
+           symmetric: bool = False) -> dict:
+    """Evolutionary channel reordering per segment, in network order (module docstring).
+    ``symmetric``: calibrate and score in the symmetric integer range of crossbar arrays.
+
+    Leaves ``net`` with the chosen joint orders and every non-float layer calibrated by
+    ``method``. Returns ``{"method", "orders", "segments", "search_s", "scoring_s", ...}``
+    (``search_s``: the whole call, calibrations included).
+    """
+    check_search_params(population, generations, swaps, seed)
+    t_start = time.perf_counter()
+    ro = reorderer or Reorderer(net)
+    segs = find_segments(net, ro.groups)
+    keep = resolve_float_layers(net, float_layers)
+    todo = [l.name for l in net.layers if l.name not in keep]
+    for l in net.layers:
+        l.clear_quant()
+    pos = {l.name: i for i, l in enumerate(net.layers)}
+    rng = np.random.default_rng(seed)
+    calib_params = method_params(params, symmetric)
+    search_params = {k: v for k, v in calib_params.items() if k != "metric"}
+    seg_info = []
+    bar = tqdm(total=generations * len(segs), desc="reorder (evolution)", disable=not progress,
+               leave=False, unit="gen")
+    t_search = 0.0
+    try:
+        for seg in segs:
+            qlayers = [n for n in seg.layers if n not in keep]
+            info = {"segment": seg.index, "groups": seg.groups, "layers": seg.layers}
+            if not qlayers:
+                seg_info.append({**info, "skipped": "all its layers stay in float"})
+                bar.update(generations)
+                continue
+            # calibrate (at the current orders) whatever the segment's inputs depend on
+            end = max(pos[n] for n in seg.layers)
+            upto = [n for n in todo if pos[n] <= end and net.layer(n).quant is None]
+            kept = calibrate_layers(net, images, upto, gran, w_bits, a_bits, method,
+                                    calib_params, record=qlayers)
+            t0 = time.perf_counter()
+            scorers = [LayerScorer(net.layer(n), *kept[n], gran, w_bits, a_bits, search_params)
+                       for n in qlayers]
+            del kept
+            sc = SegmentScorer(scorers, ro)
+            sizes = {g: ro.free[g].size for g in seg.groups}
+            base = {g: ro.orders[g].copy() for g in seg.groups}
+            res = evolve_segment(sc, sizes, base, population, generations, swaps, rng, bar)
+            t_search += time.perf_counter() - t0
+            changed = [g for g in seg.groups if not np.array_equal(res["orders"][g], base[g])]
+            ro.set_orders(res["orders"])
+            if changed:     # the touched layers and all after them see new inputs
+                first = min(pos[l] for g in changed for l in ro.free[g].layers)
+                for n in todo:
+                    if pos[n] >= first:
+                        net.layer(n).clear_quant()
+            seg_info.append({**info, "identity_score": res["identity_score"],
+                             "score": res["score"], "evaluations": res["evaluations"],
+                             "history": [float(h) for h in res["history"]]})
+        rest = [n for n in todo if net.layer(n).quant is None]
+        if rest:
+            calibrate_layers(net, images, rest, gran, w_bits, a_bits, method, calib_params)
+    finally:
+        bar.close()
+    net.set_mode("fake")
+    return {"method": "evolution", "orders": ro.orders_json(), "segments": seg_info,
+            "search_s": time.perf_counter() - t_start, "scoring_s": t_search,
+            "population": population, "generations": generations, "swaps": swaps, "seed": seed}
