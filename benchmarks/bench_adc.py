@@ -1,6 +1,7 @@
 """Accuracy under ADC limits on the ISAAC-like crossbar, and the speed of the array simulation.
 
     python benchmarks/bench_adc.py --model resnet20 [--limit N] [--out DIR] [--speed-images 1000]
+        [--signed differential] [--policies full calibrated] [--threads T]
 
 The network is calibrated once (PTQ-SL, W4A8, ``quant.tile: crossbar`` = 63 x 128 on the
 ISAAC-like preset hwconfigs/isaac.yaml: 128x128 arrays, 2-bit cells, offset weights, 1-bit
@@ -9,11 +10,14 @@ on the arrays. Then every point of adc_bits (ideal, 8, 7, 6, 5, 4) x ADC range p
 (full, calibrated) is evaluated with the array-level simulation (``eval.backend: crossbar``) on
 the test set (all 10,000 images unless --limit). ``calibrated`` ranges are fitted on the
 calibration batch (largest column sum per array). The ideal ADC is one point (it does not depend
-on the policy). One CSV row per point is appended as soon as it is done; a rerun computes only
+on the policy). One CSV row per point (``seed=0/adc_bits=<b>/<policy>``) is appended as soon as
+it is done, through benchmarks/harness.py (with its provenance columns); a rerun computes only
 the missing points. Speed: the first --speed-images test images through the tiled-integer
 kernel and through the array simulation (the preset as shipped: 8-bit ADC, full range), same
-process, after a warm-up, best of two; ``slowdown_vs_tiled`` = array time / kernel time.
-Writes DIR/adc-<model>-W4A8-isaac.{csv,md,png} and DIR/adc.json. ``--signed differential``
+process, after a warm-up, best of two; ``slowdown_vs_tiled`` = array time / kernel time; a
+rerun keeps an earlier speed measurement (its provenance under ``provenance_of``).
+Writes DIR/adc-<model>-W4A8-isaac.{csv,md,png} and DIR/adc.json (default DIR:
+benchmarks/results/). ``--signed differential``
 runs the same sweep with the preset's offset weights replaced by differential column pairs
 (tile 32 x 128) and writes DIR/adc-<model>-W4A8-isaac-differential.{csv,md,png,json}.
 """
@@ -21,23 +25,21 @@ runs the same sweep with the preset's offset weights replaced by differential co
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from harness import Bench, common_args, log
 from pimsim.config import load
 from pimsim.cost import config_cost
 from pimsim.crossbar import adc_stats, attach, fit_adc_ranges, reset_adc_stats
 from pimsim.data import load_cifar10
-from pimsim.simulate import calibration_batch, evaluate, prepare, quantize_network, set_threads
+from pimsim.simulate import calibration_batch, evaluate, prepare, quantize_network
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PRESET = ROOT / "hwconfigs" / "isaac.yaml"
 ADC_BITS = (8, 7, 6, 5, 4)
 POLICIES = ("full", "calibrated")
@@ -45,11 +47,13 @@ FIELDS = ["model", "preset", "adc_bits", "policy", "top1", "adc_clip_fraction", 
           "eval_s"]
 
 
-def read_done(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        return {(r["adc_bits"], r["policy"]): r for r in csv.DictReader(f)}
+def point_name(seed, adc_bits, policy) -> str:
+    return f"seed={seed}/adc_bits={adc_bits}/{policy}"
+
+
+def by_point(rows) -> dict:
+    """{(adc_bits, policy): row} of the CSV rows (values as CSV text)."""
+    return {(r["adc_bits"], r["policy"]): r for r in rows}
 
 
 def set_adc(net, mapping, crossbar) -> None:
@@ -124,16 +128,14 @@ def table(rows: dict, energy: dict | None = None) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
     ap.add_argument("--speed-images", type=int, default=1000,
                     help="test images of the speed measurement (0 = skip it)")
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     ap.add_argument("--signed", choices=["differential", "offset"], default=None,
                     help="override the preset's signed-weight scheme (a variant: written to "
                          "adc-<model>-W4A8-isaac-<scheme>.{csv,md,png,json}, no speed run)")
     ap.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
                     help="range policies to compute this time (default: all; a rerun resumes)")
+    common_args(ap, seeds=None)
     args = ap.parse_args(argv)
 
     sets = [f"model.name={args.model}", "quant.calibration=ptqsl", "quant.tile=crossbar",
@@ -144,32 +146,32 @@ def main(argv=None) -> int:
         args.speed_images = 0
     cfg = load(PRESET, sets)
     xb0 = cfg.crossbar
-    threads = set_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    seed = cfg["quant.seed"]
+    bench = Bench(args)
+    threads = bench.threads
     stem = f"adc-{args.model}-W4A8-{xb0.name}" + (f"-{xb0.signed}" if variant else "")
-    csv_path = out / f"{stem}.csv"
-    json_path = out / (f"{stem}.json" if variant else "adc.json")
-    done = read_done(csv_path)
+    res = bench.results(f"{stem}.csv", FIELDS)
+    json_name = f"{stem}.json" if variant else "adc.json"
+    json_path = bench.out / json_name
     prev = json.loads(json_path.read_text()) if json_path.exists() else {}
     points = [(0, "ideal")] + [(b, p) for p in args.policies for b in ADC_BITS]
-    todo = [pt for pt in points if (str(pt[0]), pt[1]) not in done]
+    todo = [pt for pt in points if point_name(seed, *pt) not in res]
     need_speed = args.speed_images > 0 and "slowdown_vs_tiled" not in prev
-    print(f"{len(done)} points done, {len(todo)} to compute -> {csv_path}", file=sys.stderr)
+    log(f"{len(res.file.done)} points done, {len(todo)} to compute -> {res.path}")
 
     prep = prepare(cfg)
-    images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
+    images, labels = bench.test_set(prep)
     net, bs = prep.net, cfg["eval.batch_size"]
     mapping = None
-    speed = {k: prev[k] for k in ("slowdown_vs_tiled", "speed") if k in prev}
+    speed = {}
     if todo or need_speed:
         t0 = time.perf_counter()
         quantize_network(prep, progress=True)
         calib_s = time.perf_counter() - t0
         mapping = attach(net, xb0, cfg.granularity, strict=True)
         calib = calibration_batch(prep)
-        print(f"calibrated in {calib_s:.1f}s; {mapping.arrays} arrays, utilization "
-              f"{100 * mapping.utilization:.1f}%", file=sys.stderr)
+        log(f"calibrated in {calib_s:.1f}s; {mapping.arrays} arrays, utilization "
+            f"{100 * mapping.utilization:.1f}%")
     if need_speed:
         n = min(args.speed_images, 10000)
         simg, slab = load_cifar10("test", prep.data_dir, limit=n)
@@ -181,27 +183,19 @@ def main(argv=None) -> int:
         speed = {"slowdown_vs_tiled": tx / tk,
                  "speed": {"images": n, "kernel_s": tk, "crossbar_s": tx, "threads": threads,
                            "preset": xb0.to_dict(), "timing": "best of 2 after a warm-up"}}
-        print(f"speed on {n} images: kernel {tk:.2f}s, arrays {tx:.2f}s, "
-              f"slowdown {tx / tk:.2f}x", file=sys.stderr)
-    new_file = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            w.writeheader()
-        for bits, pol in tqdm(todo, desc=stem, unit="point"):
-            xb = dataclasses.replace(xb0, adc_bits=bits,
-                                     adc_range="full" if pol == "ideal" else pol)
-            set_adc(net, mapping, xb)
-            if pol == "calibrated":
-                fit_adc_ranges(net, calib, bs)
-            reset_adc_stats(net)
-            dt, top1 = timed_eval(net, "crossbar", images, labels, bs)
-            row = {"model": args.model, "preset": xb0.name, "adc_bits": bits, "policy": pol,
-                   "top1": f"{top1:.4f}", "adc_clip_fraction": f"{clip_fraction(net):.6g}",
-                   "images": len(images), "eval_s": f"{dt:.1f}"}
-            w.writerow(row)
-            f.flush()
-            done[(str(bits), pol)] = {k: str(v) for k, v in row.items()}
+        log(f"speed on {n} images: kernel {tk:.2f}s, arrays {tx:.2f}s, slowdown {tx / tk:.2f}x")
+    for bits, pol in tqdm(todo, desc=stem, unit="point"):
+        xb = dataclasses.replace(xb0, adc_bits=bits, adc_range="full" if pol == "ideal" else pol)
+        set_adc(net, mapping, xb)
+        if pol == "calibrated":
+            fit_adc_ranges(net, calib, bs)
+        reset_adc_stats(net)
+        dt, top1 = timed_eval(net, "crossbar", images, labels, bs)
+        res.append({"point": point_name(seed, bits, pol), "model": args.model,
+                    "preset": xb0.name, "adc_bits": bits, "policy": pol, "seed": seed,
+                    "top1": f"{top1:.4f}", "adc_clip_fraction": f"{clip_fraction(net):.6g}",
+                    "images": len(images), "eval_s": f"{dt:.1f}"})
+    done = by_point(res.rows())
     title = f"{args.model} W4A8 PTQ-SL on {xb0.name} ({xb0.rows}x{xb0.cols}, {xb0.cell_bits}-bit " \
             f"cells, {xb0.signed})"
     n_img = {r["images"] for r in done.values()}
@@ -211,21 +205,22 @@ def main(argv=None) -> int:
           "(`eval.backend: crossbar`). Energy per inference from `pimsim.cost` (default `cost:` "
           "constants; the ADC energy per conversion scales as 2^bits, the ideal ADC is charged "
           "at the lossless resolution of a full array).", ""] + table(done, energy)
-    if speed:
-        s = speed["speed"]
+    shown = speed or {k: prev[k] for k in ("slowdown_vs_tiled", "speed") if k in prev}
+    if shown:
+        s = shown["speed"]
         md += ["", f"Speed ({s['images']} images, {s['threads']} threads): tiled-integer kernel "
                f"{s['kernel_s']:.2f} s, array simulation {s['crossbar_s']:.2f} s: "
-               f"**{speed['slowdown_vs_tiled']:.2f}x**."]
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    plot(done, title, out / f"{stem}.png")
-    result = {**prev, **speed, "energy_uj": {str(b): {"adc": a, "total": t}
-                                             for b, (a, t) in energy.items()},
-              "model": args.model, "preset": xb0.to_dict(), "csv": csv_path.name,
+               f"**{shown['slowdown_vs_tiled']:.2f}x**."]
+    plot(done, title, bench.out / f"{stem}.png")
+    # keys measured now get this run's provenance; an earlier speed measurement, mapping
+    # figures not recomputed, ... keep theirs (write_json's ``provenance_of``)
+    result = {**speed, "energy_uj": {str(b): {"adc": a, "total": t} for b, (a, t) in energy.items()},
+              "model": args.model, "preset": xb0.to_dict(), "csv": res.path.name,
               "points": [done[k] for k in sorted(done, key=lambda k: (k[1], -int(k[0])))]}
     if mapping is not None:
         result["arrays"], result["utilization"] = mapping.arrays, mapping.utilization
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n".join(md))
+    bench.write_json(json_name, result, merge=True)
+    bench.write_md(f"{stem}.md", md)
     return 0
 
 

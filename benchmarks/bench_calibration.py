@@ -2,7 +2,7 @@
 images, 100 candidates, 3 rounds.
 
     python benchmarks/bench_calibration.py [--model resnet20] [--tile 16 36]
-        [--direct-layers N] [--out FILE]
+        [--wbits 4 --abits 8] [--images 128] [--direct-layers N] [--threads T] [--out DIR]
 
 Three measurements in one run:
 
@@ -18,31 +18,29 @@ Three measurements in one run:
 3. ``peak_rss_mb``: peak resident memory of this process after step 1 (``ru_maxrss``); step 1
    runs first, so this is the peak of loading, tracing and the gram-mode calibration.
 
-Prints a table and writes JSON (default ``benchmarks/results/calibration.json``).
+Calibration images: seed 0 (``quant.seed``). Prints a table and writes DIR/calibration.{json,md}
+(default DIR: benchmarks/results/) with the provenance of benchmarks/harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numba
 import numpy as np
 import torch
 
+from harness import Bench, common_args, log
 from pimsim.calibrate import calibrate, register_method
 from pimsim.config import validate
-from pimsim.data import calibration_set, to_tensor
 from pimsim.ptqsl import ptqsl_method
 from pimsim.quant import Granularity
-from pimsim.simulate import prepare, set_threads
+from pimsim.simulate import prepare
 
-RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 0          # quant.seed of the calibration images
 PARAMS = {"candidates": 100, "rounds": 3, "alpha": 0.5, "beta": 1.2, "metric": "euclidean"}
 
 
@@ -67,15 +65,16 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=128, help="calibration images (default 128)")
     ap.add_argument("--direct-layers", type=int, default=4,
                     help="layers timed in both modes (default 4; 0 = all)")
-    ap.add_argument("--out", default=str(RESULTS / "calibration.json"))
+    common_args(ap, seeds=None, limit=False)
     args = ap.parse_args(argv)
 
-    threads = set_threads(0)
+    bench = Bench(args)
+    threads = bench.threads
     cfg = validate({"model": {"name": args.model},
                     "quant": {"weight_bits": args.wbits, "act_bits": args.abits,
-                              "calib_images": args.images}})
+                              "calib_images": args.images, "seed": SEED}})
     prep = prepare(cfg)
-    calib = to_tensor(calibration_set(args.images, 0, prep.data_dir)[0])
+    calib = bench.calibration(prep, SEED)
     gran = Granularity.tile(*args.tile)
     net = prep.net
 
@@ -115,8 +114,8 @@ def main(argv=None) -> int:
                 "scales_max_rel_diff": float(np.max(np.abs(q.w_scales - d.w_scales)
                                                     / np.abs(d.w_scales))),
                 "err_gram": gi["err"], "err_direct": di["err"]})
-            print(f"  {layer.name}: gram {gi['seconds']:.2f} s, direct {di['seconds']:.2f} s, "
-                  f"same scales: {same}", file=sys.stderr)
+            log(f"  {layer.name}: gram {gi['seconds']:.2f} s, direct {di['seconds']:.2f} s, "
+                f"same scales: {same}")
         return q
 
     register_method("_bench_both", both, needs_target=True)
@@ -157,12 +156,8 @@ def main(argv=None) -> int:
     lines += [f"| {p['layer']} | {p['O']} x {p['K']} | {p['N']} | {p['tiles']} | {p['gram_s']:.2f} "
               f"| {p['direct_s']:.2f} | {p['gram_weight_s']:.2f} / {p['direct_weight_s']:.2f} "
               f"| {p['same_scales']} |" for p in per_layer]
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    bench.write_md("calibration.md", lines)
+    log(f"wrote {bench.write_json('calibration.json', result)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Throughput of the tiled integer GEMM (Eq. 5) against a plain fp32 ``torch.matmul``.
 
-    python benchmarks/bench_kernel.py [--quick] [--out FILE] [--threads N] [--breakdown]
+    python benchmarks/bench_kernel.py [--quick] [--out DIR] [--threads N] [--breakdown]
 
 Shapes are the im2col GEMMs (O, K, N) of the conv layers of CIFAR ResNet-20 and of ResNet-18 at
 CIFAR resolution, N = output pixels of a batch of images. For every shape and tile size a
@@ -11,8 +11,9 @@ matrices. Kernel and baseline timings are interleaved (so machine noise hits bot
 of several repeats after a warm-up is kept. Operands are W4A8, the project default: 4-bit
 weight values and 8-bit activation values, both in int8 storage.
 
-Writes a JSON summary (default ``benchmarks/results/kernel.json``) and a markdown table next
-to it (same name, ``.md``). ``--breakdown`` also times the kernel's phases (input conversion,
+Writes a JSON summary DIR/kernel.json and a markdown table DIR/kernel.md (default DIR:
+benchmarks/results/), with the provenance of benchmarks/harness.py (seeds: the seed of the
+random operands). ``--breakdown`` also times the kernel's phases (input conversion,
 BLAS partial sums, clip/rescale/accumulate) by re-running them outside the operator.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import statistics
@@ -32,11 +32,13 @@ import numba
 import numpy as np
 import torch
 
+from harness import Bench, common_args
 from pimsim import kernels
-from pimsim.kernels import TiledGemm, set_threads
+from pimsim.kernels import TiledGemm
 from pimsim.quant import Granularity
 
 W_BITS, A_BITS = 4, 8
+SEED = 0          # numpy seed of the random operands
 TILES = {"128x128": Granularity.tile(128, 128), "64x64": Granularity.tile(64, 64),
          "channelwise": Granularity.channelwise()}
 
@@ -210,10 +212,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="batch of 16 images instead of 128, fewer repeats")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel.json"),
-                    help="JSON output (a .md table is written next to it)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="threads for torch and numba (default: all cores)")
     ap.add_argument("--retries", type=int, default=None,
                     help="re-measure a row up to this many times if other processes were busy "
                          "(default 3, 0 with --quick)")
@@ -224,15 +222,16 @@ def main(argv=None):
     ap.add_argument("--breakdown", action="store_true",
                     help="also time where the kernel's time goes (partial sums, combine, "
                          "input conversion, blocked BLAS)")
+    common_args(ap, seeds=None, limit=False)
     args = ap.parse_args(argv)
 
     if args.retries is None:
         args.retries = 0 if args.quick else 3
-    threads = set_threads(args.threads)
-    threads = threads if isinstance(threads, int) else args.threads
+    bench = Bench(args)
+    threads = bench.threads
     batch = 16 if args.quick else 128
     warmup, repeats, min_time = (1, 2, 0.1) if args.quick else (1, 7, 1.0)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(SEED)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -312,22 +311,20 @@ def main(argv=None):
         "runtime_s": time.perf_counter() - t_start,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
+    out = bench.write_json("kernel.json", summary)
     table = fmt_table(rows, args.breakdown)
-    md = (f"# Tiled GEMM kernel vs fp32 torch.matmul (W{W_BITS}A{A_BITS}, batch {batch}"
-          f"{', quick' if args.quick else ''})\n\n"
+    md = [f"# Tiled GEMM kernel vs fp32 torch.matmul (W{W_BITS}A{A_BITS}, batch {batch}"
+          f"{', quick' if args.quick else ''})", "",
           f"threads {threads}, torch {torch.__version__}, numba {numba.__version__}, "
-          f"{platform.machine()} {platform.processor() or ''}\n\n"
+          f"{platform.machine()} {platform.processor() or ''}", "",
           f"ratio = kernel GOPS / fp32 GOPS; best of >= {repeats} interleaved repeats "
           f"(>= {min_time} s per row) after "
           f"{warmup} warm-up. other load: CPUs used by other processes during the row (rows "
-          f"above {args.max_other_load} are re-measured up to {args.retries} times).\n\n"
+          f"above {args.max_other_load} are re-measured up to {args.retries} times).", "",
           f"**ratio_median {summary['ratio_median']:.2f}**; by tile: "
           + ", ".join(f"{t} {v:.2f}" for t, v in summary["ratio_median_by_tile"].items())
-          + f"; runtime {summary['runtime_s']:.0f} s\n\n" + table + "\n")
-    out.with_suffix(".md").write_text(md)
+          + f"; runtime {summary['runtime_s']:.0f} s", "", table]
+    bench.write_md("kernel.md", md, echo=False)
     print()
     print(table)
     print(f"\nratio_median {summary['ratio_median']:.3f}  by tile "

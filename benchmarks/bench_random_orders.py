@@ -11,43 +11,44 @@ permuted float network. Sample k of ``independent`` gives every quantized layer 
 row order and input-channel order (``random_independent_orders``, ``default_rng(k)``; runtime
 gathers around each layer). Plus the identity order. Each point: PTQ-SL calibration (128
 images of data_batch_1, seed 0; Method 2 r x ceil(K/m); first and last layer in float), then
-top-1 with the fake-quant path. One CSV row per point, appended as it finishes; a rerun computes
-only the missing points. Writes DIR/random-orders-<model>-W<b>A<b>-r<r>m<m>[-limit<N>].{csv,md,png}.
+top-1 with the fake-quant path. One CSV row per point (``seed=0/<kind>/sample=<k>``), appended
+as it finishes through benchmarks/harness.py (with its provenance columns); a rerun computes only
+the missing points. Writes DIR/random-orders-<model>-W<b>A<b>-r<r>m<m>[-limit<N>].{csv,md,png}
+(default DIR: benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from harness import Bench, common_args, log
 from pimsim.calibrate import calibrate, resolve_float_layers
-from pimsim.config import validate
-from pimsim.data import load_cifar10
 from pimsim.quant import Granularity
 from pimsim.reorder import Reorderer, independent_network, random_independent_orders
-from pimsim.simulate import calibration_batch, evaluate, prepare, set_threads
+from pimsim.simulate import evaluate
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "wbits", "abits", "granularity", "kind", "sample", "top1", "calibration_s",
           "images"]
 KINDS = ("identity", "joint", "independent")
+SEED = 0          # quant.seed of the calibration draw (one draw for every order)
 
 
 def stem_of(model, wbits, abits, r, m, limit) -> str:
     return f"random-orders-{model}-W{wbits}A{abits}-r{r}m{m}" + (f"-limit{limit}" if limit else "")
 
 
-def read_done(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        return {(row["kind"], int(row["sample"])): row for row in csv.DictReader(f)}
+def point_name(seed, kind, sample) -> str:
+    return f"seed={seed}/{kind}/sample={sample}"
+
+
+def by_point(rows) -> dict:
+    """{(kind, sample): row} of the CSV rows."""
+    return {(row["kind"], int(row["sample"])): row for row in rows}
 
 
 def summary(rows: dict, title: str, n_images: int) -> list[str]:
@@ -103,62 +104,48 @@ def main(argv=None) -> int:
     ap.add_argument("--abits", type=int, default=8)
     ap.add_argument("--r", type=int, default=4, help="rows per sub-matrix (Method 2)")
     ap.add_argument("--m", type=int, default=4, help="horizontal splits (Method 2)")
-    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
-    ap.add_argument("--threads", type=int, default=0, help="torch/Numba threads, 0 = all")
-    ap.add_argument("--out", default=str(RESULTS))
+    common_args(ap, seeds=None)
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be >= 1")
 
-    cfg = validate({"model": {"name": args.model},
-                    "quant": {"weight_bits": args.wbits, "act_bits": args.abits}})
-    set_threads(args.threads)
-    prep = prepare(cfg)
-    images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
-    calib = calibration_batch(prep)
+    bench = Bench(args)
+    prep = bench.prepare(args.model, weight_bits=args.wbits, act_bits=args.abits)
+    cfg = prep.cfg
+    images, labels = bench.test_set(prep)
+    calib = bench.calibration(prep, SEED)
     gran = Granularity.split(args.r, args.m)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = stem_of(args.model, args.wbits, args.abits, args.r, args.m, args.limit)
-    csv_path = out / f"{stem}.csv"
-    done = read_done(csv_path)
+    res = bench.results(f"{stem}.csv", FIELDS)
     points = [("identity", 0)] + [(k, s) for s in range(args.n) for k in ("joint", "independent")]
-    todo = [p for p in points if p not in done]
-    print(f"{len(done)} points done, {len(todo)} to compute -> {csv_path}", file=sys.stderr)
+    todo = [p for p in points if point_name(SEED, *p) not in res]
+    log(f"{len(res.file.done)} points done, {len(todo)} to compute -> {res.path}")
     net = prep.net
     ro = Reorderer(net)
     quantized = [l.name for l in net.layers
                  if l.name not in resolve_float_layers(net, cfg["quant.float_layers"])]
-    new_file = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            w.writeheader()
-        for kind, sample in tqdm(todo, desc=stem, unit="point"):
-            ro.reset()
-            target = net
-            if kind == "joint":
-                ro.set_orders(ro.random_orders(np.random.default_rng(sample)))
-            elif kind == "independent":
-                target = independent_network(
-                    net, random_independent_orders(net, quantized, np.random.default_rng(sample)))
-            t0 = time.perf_counter()
-            calibrate(target, calib, gran, args.wbits, args.abits, method="ptqsl", progress=False)
-            calib_s = time.perf_counter() - t0
-            target.set_mode("fake")
-            top1, _ = evaluate(target, images, labels, 500, progress=False)
-            row = {"model": args.model, "wbits": args.wbits, "abits": args.abits,
-                   "granularity": gran.label(), "kind": kind, "sample": sample,
-                   "top1": f"{top1:.4f}", "calibration_s": f"{calib_s:.2f}",
-                   "images": len(images)}
-            w.writerow(row)
-            f.flush()
-            done[(kind, sample)] = {k: str(v) for k, v in row.items()}
+    for kind, sample in tqdm(todo, desc=stem, unit="point"):
+        ro.reset()
+        target = net
+        if kind == "joint":
+            ro.set_orders(ro.random_orders(np.random.default_rng(sample)))
+        elif kind == "independent":
+            target = independent_network(
+                net, random_independent_orders(net, quantized, np.random.default_rng(sample)))
+        t0 = time.perf_counter()
+        calibrate(target, calib, gran, args.wbits, args.abits, method="ptqsl", progress=False)
+        calib_s = time.perf_counter() - t0
+        target.set_mode("fake")
+        top1, _ = evaluate(target, images, labels, 500, progress=False)
+        res.append({"point": point_name(SEED, kind, sample), "model": args.model,
+                    "wbits": args.wbits, "abits": args.abits, "granularity": gran.label(),
+                    "kind": kind, "sample": sample, "seed": SEED, "top1": f"{top1:.4f}",
+                    "calibration_s": f"{calib_s:.2f}", "images": len(images)})
+    ro.reset()
+    done = by_point(res.rows())
     title = f"{args.model} W{args.wbits}A{args.abits} Method 2 r={args.r} m={args.m}"
-    md = summary(done, title, len(images))
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
-    plot(done, f"{title}, {len(images)} test images", out / f"{stem}.png")
-    print("\n".join(md))
+    plot(done, f"{title}, {len(images)} test images", bench.out / f"{stem}.png")
+    bench.write_md(f"{stem}.md", summary(done, title, len(images)))
     return 0
 
 

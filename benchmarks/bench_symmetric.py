@@ -17,30 +17,28 @@ data_batch_1 (seed 0), first and last layer in float, on the CIFAR-10 test set:
   ``pimsim run`` does when the config has a ``crossbar:`` section).
 
 Granularities: the ISAAC-like preset's array tile (``quant.tile: crossbar`` on
-hwconfigs/isaac.yaml: 63 x 128), channelwise, and Method 1 (16, 36). One CSV row per point,
-appended as it finishes; a rerun computes only the missing points. Writes
-DIR/symmetric-<model>.{csv,md}.
+hwconfigs/isaac.yaml: 63 x 128), channelwise, and Method 1 (16, 36). One CSV row per point
+(``seed=0/W<b>/<tile>/<variant>``), appended as it finishes through benchmarks/harness.py (with
+its provenance columns); a rerun computes only the missing points. Writes
+DIR/symmetric-<model>[-limit<N>].{csv,md} (default DIR: benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from harness import Bench, common_args, log
 from pimsim.calibrate import symmetric_quant
 from pimsim.config import load
-from pimsim.data import load_cifar10
 from pimsim.quant import qrange
-from pimsim.simulate import evaluate, prepare, quantize_network, set_threads
+from pimsim.simulate import evaluate, prepare, quantize_network
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PRESET = ROOT / "hwconfigs" / "isaac.yaml"
 TILES = {"crossbar": "crossbar", "channelwise": "channelwise", "16x36": [16, 36]}
 VARIANTS = ("asymmetric", "clamped", "symmetric")
@@ -48,11 +46,13 @@ FIELDS = ["model", "wbits", "abits", "tile", "variant", "top1", "weights_at_neg_
           "weights", "images", "calibration_s"]
 
 
-def read_done(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        return {(r["wbits"], r["tile"], r["variant"]): r for r in csv.DictReader(f)}
+def point_name(seed, wbits, tile, variant) -> str:
+    return f"seed={seed}/W{wbits}/{tile}/{variant}"
+
+
+def by_point(rows) -> dict:
+    """{(wbits, tile, variant): row} of the CSV rows (values as CSV text)."""
+    return {(r["wbits"], r["tile"], r["variant"]): r for r in rows}
 
 
 def count_neg_end(net) -> tuple[int, int]:
@@ -95,60 +95,48 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--wbits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
-    ap.add_argument("--threads", type=int, default=0, help="torch/Numba threads, 0 = all")
-    ap.add_argument("--out", default=str(RESULTS))
+    common_args(ap, seeds=None)
     args = ap.parse_args(argv)
-    set_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
     suffix = f"-limit{args.limit}" if args.limit else ""
-    csv_path = out / f"symmetric-{args.model}{suffix}.csv"
-    done = read_done(csv_path)
+    res = bench.results(f"symmetric-{args.model}{suffix}.csv", FIELDS)
+    done = by_point(res.rows())
     todo = [(wb, t) for wb in args.wbits for t in TILES
             if any((str(wb), t, v) not in done for v in VARIANTS)]
-    print(f"{len(done)} points done -> {csv_path}", file=sys.stderr)
-    images = labels = None
-    new_file = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            w.writeheader()
-        for wb, t in tqdm(todo, desc=f"symmetric {args.model}", unit="setting"):
-            for variant in ("asymmetric", "symmetric"):
-                sets = [f"model.name={args.model}", "quant.calibration=ptqsl",
-                        f"quant.weight_bits={wb}", "quant.act_bits=8", "eval.backend=kernel"]
-                cfg = load(PRESET, sets + [f"quant.tile={TILES[t]}".replace(" ", "")])
-                prep = prepare(cfg)
-                if images is None:
-                    images, labels = load_cifar10("test", prep.data_dir, limit=args.limit)
-                net = prep.net
-                t0 = time.perf_counter()
-                # asymmetric: as if there were no crossbar section
-                quantize_network(prep, progress=False, symmetric=variant == "symmetric")
-                assert all(l.quant.symmetric == (variant == "symmetric")
-                           for l in net.quantized_layers)
-                calib_s = time.perf_counter() - t0
-                neg, tot = count_neg_end(net)
-                runs = [variant] if variant == "symmetric" else ["asymmetric", "clamped"]
-                for v in runs:
-                    if v == "clamped":
-                        for l in net.quantized_layers:
-                            l.set_quant(symmetric_quant(l.quant, True))
-                    if (str(wb), t, v) in done:
-                        continue
-                    net.set_mode("kernel")
-                    top1, _ = evaluate(net, images, labels, 500, progress=False)
-                    row = {"model": args.model, "wbits": wb, "abits": 8, "tile": t, "variant": v,
-                           "top1": f"{top1:.4f}", "weights_at_neg_end": neg, "weights": tot,
-                           "images": len(images), "calibration_s": f"{calib_s:.1f}"}
-                    w.writerow(row)
-                    f.flush()
-                    done[(str(wb), t, v)] = {k: str(x) for k, x in row.items()}
-                    print(f"W{wb} {t} {v}: {100 * top1:.2f}%", file=sys.stderr)
-    md = markdown(done, args.model)
-    (out / f"symmetric-{args.model}{suffix}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    log(f"{len(done)} points done -> {res.path}")
+    for wb, t in tqdm(todo, desc=f"symmetric {args.model}", unit="setting"):
+        for variant in ("asymmetric", "symmetric"):
+            sets = [f"model.name={args.model}", "quant.calibration=ptqsl",
+                    f"quant.weight_bits={wb}", "quant.act_bits=8", "eval.backend=kernel"]
+            cfg = load(PRESET, sets + [f"quant.tile={TILES[t]}".replace(" ", "")])
+            prep = prepare(cfg)
+            images, labels = bench.test_set(prep)
+            net = prep.net
+            t0 = time.perf_counter()
+            # asymmetric: as if there were no crossbar section
+            quantize_network(prep, progress=False, symmetric=variant == "symmetric")
+            assert all(l.quant.symmetric == (variant == "symmetric")
+                       for l in net.quantized_layers)
+            calib_s = time.perf_counter() - t0
+            neg, tot = count_neg_end(net)
+            runs = [variant] if variant == "symmetric" else ["asymmetric", "clamped"]
+            for v in runs:
+                if v == "clamped":
+                    for l in net.quantized_layers:
+                        l.set_quant(symmetric_quant(l.quant, True))
+                if (str(wb), t, v) in done:
+                    continue
+                net.set_mode("kernel")
+                top1, _ = evaluate(net, images, labels, 500, progress=False)
+                seed = cfg["quant.seed"]
+                row = {"point": point_name(seed, wb, t, v), "model": args.model, "wbits": wb,
+                       "abits": 8, "tile": t, "variant": v, "seed": seed, "top1": f"{top1:.4f}",
+                       "weights_at_neg_end": neg, "weights": tot, "images": len(images),
+                       "calibration_s": f"{calib_s:.1f}"}
+                res.append(row)
+                done[(str(wb), t, v)] = {k: str(x) for k, x in row.items()}
+                log(f"W{wb} {t} {v}: {100 * top1:.2f}%")
+    bench.write_md(f"symmetric-{args.model}{suffix}.md", markdown(by_point(res.rows()), args.model))
     return 0
 
 

@@ -31,10 +31,13 @@ from pimsim.sweep import ResultsFile, read_results
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def common_args(ap: argparse.ArgumentParser, seeds=(0,), threads: int = 0) -> argparse.ArgumentParser:
-    """Add the options every benchmark shares: --limit, --threads, --out and, unless ``seeds``
-    is None (a benchmark with one fixed seed), --seeds."""
-    ap.add_argument("--limit", type=positive_int, default=None, help="first N test images only")
+def common_args(ap: argparse.ArgumentParser, seeds=(0,), threads: int = 0,
+                limit: bool = True) -> argparse.ArgumentParser:
+    """Add the options every benchmark shares: --limit (unless ``limit`` is False: a benchmark
+    that reads no test images), --threads, --out and, unless ``seeds`` is None (a benchmark
+    with one fixed seed), --seeds."""
+    if limit:
+        ap.add_argument("--limit", type=positive_int, default=None, help="first N test images only")
     ap.add_argument("--threads", type=int, default=threads,
                     help=f"torch/Numba threads (0 = all cores; default {threads})")
     if seeds is not None:
@@ -89,7 +92,8 @@ class Bench:
     def test_set(self, prep):
         key = str(prep.data_dir)
         if key not in self._test:
-            self._test[key] = load_cifar10("test", prep.data_dir, limit=self.args.limit)
+            self._test[key] = load_cifar10("test", prep.data_dir,
+                                           limit=getattr(self.args, "limit", None))
         return self._test[key]
 
     def calibration(self, prep, seed: int):
