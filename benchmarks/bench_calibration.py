@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from harness import Bench, common_args, log
-from pimsim.calibrate import calibrate, register_method
+from pimsim.calibrate import calibrate
+from pimsim.methods import register_method
 from pimsim.config import validate
 from pimsim.ptqsl import ptqsl_method
 from pimsim.quant import Granularity
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
                 f"same scales: {same}")
         return q
 
-    register_method("_bench_both", both, needs_target=True)
+    register_method("_bench_both", both, needs_target=True, replace=True)
     calibrate(net, calib, gran, args.wbits, args.abits, method="_bench_both", progress=True,
               params=PARAMS)
 

@@ -150,7 +150,7 @@ def breakdown(op, xq, sx, w32, x32, repeats):
     tiling costs BLAS compared with one ``W @ X``).
     """
     g = op.grid
-    orig = op._iter_psums
+    orig = op.iter_psums
     spent = {"psums": 0.0}
 
     def timed(*a, **k):
@@ -169,7 +169,7 @@ def breakdown(op, xq, sx, w32, x32, repeats):
     wj = [w32[:, bounds[j]:bounds[j + 1]].contiguous() for j in range(g.n_col_blocks)]
     P = torch.empty((g.n_col_blocks, g.O, xq.shape[1]), dtype=torch.float32)
     best = dict.fromkeys(("total", "psums", "combine", "convert", "blocked_mm"), np.inf)
-    op._iter_psums = timed
+    op.iter_psums = timed
     try:
         for _ in range(repeats):
             spent["psums"] = 0.0
@@ -185,7 +185,7 @@ def breakdown(op, xq, sx, w32, x32, repeats):
                    "convert": t2 - t1, "blocked_mm": t3 - t2}
             best = {k: min(best[k], cur[k]) for k in best}
     finally:
-        del op._iter_psums
+        del op.iter_psums
     return {k: v * 1e3 for k, v in best.items()}
 
 
@@ -268,7 +268,7 @@ def main(argv=None):
                         break
                 other, (t_fp32, t_kern) = min(tries, key=lambda v: (v[0], v[1][1]))
                 row = dict(model=model, O=O, K=K, N=N, tile=tile, r=g.r, c=g.c,
-                           J=g.n_col_blocks, path=op.path, chunk=op._chunk(N),
+                           J=g.n_col_blocks, path=op.path, chunk=op.chunk_size(N),
                            kernel_s=t_kern, fp32_s=t_fp32,
                            kernel_gops=flops / t_kern / 1e9, fp32_gops=flops / t_fp32 / 1e9,
                            ratio=t_fp32 / t_kern, other_load=other, tries=len(tries),

@@ -33,7 +33,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from harness import Bench, common_args, log
-from pimsim.calibrate import symmetric_quant
 from pimsim.config import load
 from pimsim.quant import qrange
 from pimsim.simulate import evaluate, prepare, quantize_network
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
             for v in runs:
                 if v == "clamped":
                     for l in net.quantized_layers:
-                        l.set_quant(symmetric_quant(l.quant, True))
+                        l.set_quant(l.quant.as_symmetric())
                 if (str(wb), t, v) in done:
                     continue
                 net.set_mode("kernel")

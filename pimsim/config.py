@@ -54,7 +54,8 @@ class ConfigError(ValueError):
     """A configuration problem: ``file: key: value: what is allowed``."""
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
+    """A value as it reads in YAML, for error messages (``file: key: value: allowed``)."""
     return yaml.safe_dump(v, default_flow_style=True, width=200).strip().removesuffix("...").strip()
 
 
@@ -267,7 +268,7 @@ class Config:
 
 
 def _err(source, key, value, what) -> ConfigError:
-    return ConfigError(f"{source}: {key}: {_fmt(value)}: {what}")
+    return ConfigError(f"{source}: {key}: {fmt_value(value)}: {what}")
 
 
 def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:

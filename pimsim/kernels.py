@@ -277,7 +277,6 @@ class TiledGemm:
         per_row = g.K * 8 + g.n_col_blocks * g.O * 8
         return max(64, min(N, _CHUNK_BYTES // per_row))
 
-    _chunk = chunk_size          # the former private name (benchmarks/bench_kernel.py reads it)
 
     def combine(self, P, act_scale: float, bias, y, n0: int) -> None:
         """Eq. 5's rescale step for rows ``n0..n0+nb`` of Y^T: ``P`` (J, nb, O) partial sums
@@ -307,7 +306,7 @@ class TiledGemm:
                 P = P.numpy()
             yield n0, n1, P
 
-    def _iter_psums(self, xq, layout="KN"):
+    def iter_psums(self, xq, layout="KN"):
         """Partial sums of a matrix input: P (J, O, nb) for "KN" (``W_j @ X_j``, BLAS reads X
         as it is), P (J, nb, O) for "NK" (see ``_psums_nk``)."""
         xt = self._transposed_input(xq, layout)
@@ -383,7 +382,7 @@ class TiledGemm:
         """Exact int64 partial sums of every column block, shape (J, O, N) (before clamping)."""
         N = self._transposed_input(xq, layout).shape[0]
         out = np.empty((self.grid.n_col_blocks, self.grid.O, N), dtype=np.int64)
-        for n0, n1, P in self._iter_psums(xq, layout):
+        for n0, n1, P in self.iter_psums(xq, layout):
             out[:, :, n0:n1] = P if layout == "KN" else P.transpose(0, 2, 1)
         return out
 
@@ -404,7 +403,7 @@ class TiledGemm:
         if y.shape != shape or y.dtype != np.float32:
             raise ValueError(f"out must be float32 of shape {shape}")
         combine = _combine_kn if layout == "KN" else combine_nk
-        for n0, _, P in self._iter_psums(xq, layout):
+        for n0, _, P in self.iter_psums(xq, layout):
             combine(P, self._srow, self._lim, sx, b, y, n0)
         return y
 

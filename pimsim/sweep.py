@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, _fmt, read_yaml, validate
+from .config import Config, ConfigError, fmt_value, read_yaml, validate
 from .provenance import CSV_FIELDS, now, provenance
 
 SWEEP_KEYS = ("base", "set", "grid", "out")
@@ -108,7 +108,7 @@ class Sweep:
 
 
 def _err(source, key, value, what) -> ConfigError:
-    return ConfigError(f"{source}: {key}: {_fmt(value)}: {what}")
+    return ConfigError(f"{source}: {key}: {fmt_value(value)}: {what}")
 
 
 def _check_dotted(source, where, key):

@@ -273,14 +273,14 @@ def test_several_chunks(monkeypatch, O, K, r, c, wb, ab, chunk_bytes):
     clamp = np.round(rng.uniform(0.2, 1, size=g.shape) * psum_bound(g.c, wb, ab) / 8)
     ops = [TiledGemm(wq, g, scales, w_bits=wb, a_bits=ab, clamp=clamp, path=path)
            for path in ("auto", "int")]
-    nb = ops[0]._chunk(10**9)
+    nb = ops[0].chunk_size(10**9)
     N = max(5000, 2 * nb + nb // 3 + 1)             # several full chunks and a ragged last one
     xq = rand_ints(rng, (K, N), ab, "uniform")
     xt = np.ascontiguousarray(xq.T)
     P = partial_sums_reference(wq, xq, g)
     ref = tiled_matmul_reference(wq, xq, scales, g, 0.05, clamp=clamp, bias=bias)
     for op in ops:
-        assert op._chunk(N) == nb and N > 2 * nb and N % nb != 0
+        assert op.chunk_size(N) == nb and N > 2 * nb and N % nb != 0
         np.testing.assert_array_equal(op.partial_sums(xq), P)
         assert_bit_identical(op(xq, 0.05, bias=bias), ref)
         out = np.full((O, N), np.nan, np.float32)

@@ -571,7 +571,7 @@ def test_partial_sums_layouts_large_chunks():
     P = partial_sums_reference(wq, x, grid)
     for path in ("f32", "f64", "int"):
         op = TiledGemm(wq, grid, np.ones(grid.shape), w_bits=4, a_bits=8, path=path)
-        assert op._chunk(N) < N, "test must span several chunks"
+        assert op.chunk_size(N) < N, "test must span several chunks"
         np.testing.assert_array_equal(op.partial_sums(x, layout="KN"), P, err_msg=path)
         np.testing.assert_array_equal(op.partial_sums(np.ascontiguousarray(x.T), layout="NK"), P,
                                       err_msg=path)
