@@ -9,8 +9,9 @@ candidate in turn. Slow, only for layers of a few dozen weights.
 Tie rule (the documented one of ``pimsim.ptqsl``): a scale moves to a candidate only when that
 candidate beats the current scale; among equal candidates the lowest index wins. A reference
 search also returns its smallest *decision margin* (relative gap between the winner and the
-runner-up, and between the winner and the current value), so a test can check that its data
-are not near a tie, where float32 (code) and float64 (reference) sums could decide differently.
+runner-up, and between the winner and the current value; exact ties left out), so a test can
+check that its data are not near a tie, where float32 (code) and float64 (reference) sums could
+decide differently.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def dequant_tiles(W, S, r, c, bits, symmetric) -> np.ndarray:
 
 
 class Layer:
-    """A small Conv2d / Linear with its calibration input ``x`` and target ``Y*``, in the
+    """A small Conv2d / Linear (or a ``pimsim`` GemmLayer: its weight, bias and geometry) with its calibration input ``x`` and target ``Y*``, in the
     im2col view ``Y = W X + b`` (float64 numpy, columns = (image, output pixel))."""
 
     def __init__(self, module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor):
+        linear = isinstance(module, torch.nn.Linear) or getattr(module, "kind", None) == "linear"
         w = module.weight.detach().to(torch.float32)
         self.W = w.reshape(w.shape[0], -1).double().numpy()            # O x K
         self.O, self.K = self.W.shape
@@ -79,7 +81,7 @@ class Layer:
         x = x.detach().to(torch.float32)
         self.absmax = float(x.abs().max())
         x64 = x.double()
-        if isinstance(module, torch.nn.Linear):
+        if linear:
             self.X = x64.reshape(x.shape[0], -1).T.numpy()              # K x B
             self.Y = target.detach().double().reshape(x.shape[0], -1).T.numpy()
         else:
@@ -111,9 +113,12 @@ def _choose(errs, current: float, current_is: int | None = None):
     k = int(np.argmin(errs))
     others = np.delete(errs, k)
     scale = max(abs(errs[k]), 1e-300)
-    gaps = [float(np.min(np.abs(others - errs[k])))] if len(others) else []
+    gaps = list(np.abs(others - errs[k]))
     if current_is is None:
         gaps.append(abs(current - errs[k]))
+    # an exact tie (e.g. a tile that only meets all-zero input features) is decided the same
+    # way by every implementation (keep the current value, else the lowest index): no risk
+    gaps = [g for g in gaps if g > 0]
     margin = min(gaps) / scale if gaps else np.inf
     return (k if errs[k] < current else None), margin
 
@@ -229,3 +234,29 @@ def mse_reference(W: np.ndarray, r: int, c: int, bits: int, factors, symmetric: 
         if k is not None:
             S[i, j] = factors[k] * S0[i, j]
     return S, margin
+
+
+def layer_inputs(net, x: torch.Tensor, mode: str) -> dict:
+    """The input every GEMM layer of a pimsim ``Network`` sees when ``x`` runs through it with
+    its quantized layers in ``mode`` ("fake": what sequential calibration saw; "float")."""
+    seen = {}
+
+    def hook(layer, inp):
+        seen[layer.name] = inp.detach().clone()
+        return None
+    saved = {l.name: l.mode for l in net.layers}
+    net.set_mode(mode)
+    try:
+        net.run_with_hooks(x, {l.name: hook for l in net.layers})
+    finally:
+        for l in net.layers:
+            l.mode = saved[l.name]
+    return seen
+
+
+def float_target(layer, x_float: torch.Tensor) -> torch.Tensor:
+    """The float layer's output on its float-network input (Eq. 6's Y*), by torch directly."""
+    if getattr(layer, "kind", None) == "linear":
+        return F.linear(x_float, layer.weight, layer.bias)
+    return F.conv2d(x_float, layer.weight, layer.bias, layer.stride, layer.padding,
+                    layer.dilation)

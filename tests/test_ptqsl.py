@@ -4,7 +4,6 @@ baseline, parameter validation, and PTQ-SL against max calibration on the real R
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import pimsim.calibrate as calib
 import ptqsl_reference as ref
 from pimsim import ptqsl
 from pimsim.network import GemmLayer
-from pimsim.quant import Granularity, max_scale, max_scales, qrange, quantize_weight
+from pimsim.quant import Granularity, max_scale, max_scales, qrange
 from pimsim.testing import CHECKPOINT, data_dir_or_skip
 
 PROP = settings(deadline=None, max_examples=150, derandomize=True,
@@ -381,23 +380,6 @@ def test_calibrate_small_network(metric):
 # the real network
 # --------------------------------------------------------------------------------------------
 
-def _layer_inputs(net, x, mode):
-    """The input every GEMM layer sees when ``net`` runs ``x`` with its layers in ``mode``."""
-    seen = {}
-
-    def hook(layer, inp):
-        seen[layer.name] = inp.detach().clone()
-        return None
-    saved = {l.name: l.mode for l in net.layers}
-    net.set_mode(mode)
-    try:
-        net.run_with_hooks(x, {l.name: hook for l in net.layers})
-    finally:
-        for l in net.layers:
-            l.mode = saved[l.name]
-    return seen
-
-
 def _conv(layer, x, w):
     """The layer's convolution with weights ``w`` (float32 operands: float64 convolutions of
     128 images would add half a minute; the comparison below allows float32 rounding)."""
@@ -409,7 +391,7 @@ def _check_layers_run_what_calibration_reported(net, x):
     its tile scales, done here tile by tile; and the error it reports is Eq. 6 of exactly these
     weights and its activation scale, recomputed on the input it saw in calibration (the
     fake-mode network's) against the float network's output."""
-    ins_q, ins_f = _layer_inputs(net, x, "fake"), _layer_inputs(net, x, "float")
+    ins_q, ins_f = ref.layer_inputs(net, x, "fake"), ref.layer_inputs(net, x, "float")
     for l in net.quantized_layers:
         q, i = l.quant, l.quant.info
         assert i["err"] <= i["err_max"], l.name
