@@ -4,7 +4,6 @@ baseline, parameter validation, and PTQ-SL against max calibration on the real R
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
