@@ -228,30 +228,34 @@ class _SharedConv(nn.Module):
 
 def test_fold_batchnorm_shared_conv_keeps_function():
     """Folding a BN into a conv whose *module* is called elsewhere too would change that other
-    call; fold_batchnorm must either leave such a BN unfolded or refuse the model."""
+    call: fold_batchnorm leaves such a BN unfolded (conv weights untouched) and keeps the
+    function; build_network then refuses the model for its weight sharing, naming the conv."""
     model = randomize_bn(_SharedConv(), 9)
     x = custom_input(10, (2, 3, 8, 8))
-    try:
-        gm = fold_batchnorm(model)
-    except UnsupportedModelError:
-        return
+    gm = fold_batchnorm(model)
+    assert isinstance(gm.get_submodule("bn"), nn.BatchNorm2d)
+    assert torch.equal(gm.get_submodule("conv").weight, model.conv.weight)
+    assert gm.get_submodule("conv").bias is None
     with torch.no_grad():
         assert rel_err(gm(x), model(x)) <= 1e-5
+    with pytest.raises(UnsupportedModelError, match="'conv' is called more than once"):
+        build_network(model)
 
 
 def test_fold_batchnorm_bn_without_running_stats():
     """A BatchNorm2d with track_running_stats=False normalizes with batch statistics even in eval
-    mode, so it cannot be folded; fold_batchnorm must leave it (or refuse with
-    UnsupportedModelError), not crash."""
+    mode, so it cannot be folded: fold_batchnorm leaves it in the graph, conv untouched."""
     model = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False),
                           nn.BatchNorm2d(5, track_running_stats=False), nn.ReLU()).eval()
     x = custom_input(11, (4, 3, 9, 9))
-    try:
-        gm = fold_batchnorm(model)
-    except UnsupportedModelError:
-        return
+    gm = fold_batchnorm(model)
+    assert isinstance(gm.get_submodule("1"), nn.BatchNorm2d)          # left as it is
+    assert torch.equal(gm.get_submodule("0").weight, model[0].weight)
     with torch.no_grad():
         assert rel_err(gm(x), model(x)) <= 1e-5
+        # it still normalizes with the batch's statistics: an image's output depends on its batch
+        assert rel_err(gm(x[:2]), model(x[:2])) <= 1e-5
+        assert rel_err(gm(x[:2]), gm(x)[:2]) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,21 +727,27 @@ class _TokenLinear(nn.Module):
         return self.head(F.relu(self.tok(y))).mean(1)
 
 
-def test_linear_on_3d_input_kernel_matches_fake_or_is_refused():
-    """build_network accepts a Linear that torch applies over the last dim of a 3-D tensor and
-    the float and fake paths run it; the kernel path must then give the same result (or
-    build_network must refuse the model up front) -- not fail at evaluation time."""
+def test_linear_on_3d_input_kernel_matches_fake():
+    """build_network accepts a Linear that torch applies over the last dim of a 3-D tensor;
+    float, fake and kernel paths all run it, per position, with the same result: the kernel
+    layer against Eq. 5 by hand on the flattened positions, the network kernel vs fake."""
     model = _TokenLinear().eval()
     x = custom_input(30, (2, 3, 4, 5))
-    try:
-        net = build_network(model)
-    except UnsupportedModelError:
-        return
+    net = build_network(model)
+    assert [(l.name, l.kind) for l in net.layers] == [("conv", "conv"), ("tok", "linear"),
+                                                      ("head", "linear")]
     with torch.no_grad():
         assert rel_err(net(x), model(x)) <= 1e-5
     calibrate(net, x, Granularity.channelwise(), 4, 8, float_layers=[], progress=False)
+    net.set_mode("fake")
+    tok = net.layer("tok")
+    xin = _capture_inputs(net, x)["tok"]
+    assert xin.shape == (2, 4, 6)                                   # B x T x F
+    want = _hand_reference(tok, xin.reshape(-1, 6)).reshape(2, 4, 5)
     with torch.no_grad():
-        net.set_mode("fake")
+        got = tok.kernel_forward(xin)
+        assert got.shape == (2, 4, 5)
+        assert np.abs(got.double().numpy() - want).max() <= 1e-6 * np.abs(want).max()
         yf = net(x)
         net.set_mode("kernel")
         yk = net(x)
