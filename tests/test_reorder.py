@@ -5,8 +5,6 @@ consistent orders, segments, seeded determinism of the search, and the reorder c
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
