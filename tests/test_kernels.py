@@ -425,16 +425,21 @@ def test_plan_path_psum_bound(c, wb, ab, bound, path):
 @settings(PROP, max_examples=60)
 @given(O=st.integers(1, 50), K=st.integers(1, 80), N=st.integers(1, 120),
        r=st.integers(1, 60), c=st.integers(1, 90), wb=st.integers(2, 16), ab=st.integers(2, 16),
-       seed=st.integers(0, 2**32 - 1), bias=st.booleans())
-def test_kernel_is_fake_quant_matmul(O, K, N, r, c, wb, ab, seed, bias):
+       seed=st.integers(0, 2**32 - 1), bias=st.booleans(), searched=st.booleans())
+def test_kernel_is_fake_quant_matmul(O, K, N, r, c, wb, ab, seed, bias, searched):
+    """``searched``: scales as PTQ-SL leaves them (each tile's and the input's max scale times
+    a factor in [0.5, 1.2]), so codes clamp and reach -2^(b-1), which max scales never do."""
     rng = np.random.default_rng(seed)
     g = Granularity.tile(r, c).resolve(O, K)
     w = rng.standard_normal((O, K)) * rng.uniform(0.01, 1, size=(O, 1))
     x = np.maximum(rng.standard_normal((K, N)), 0) if rng.random() < 0.5 \
         else rng.standard_normal((K, N))
     s = max_scales(w, g, wb)
-    wq = quantize_weight(w, g, s, wb)
     sx = float(max(np.abs(x).max(), 1e-3) / qr(ab)[1])
+    if searched:
+        s = s * rng.uniform(0.5, 1.2, size=s.shape)
+        sx *= rng.uniform(0.5, 1.2)
+    wq = quantize_weight(w, g, s, wb)
     xq = quantize(x, sx, ab)
     b = rng.standard_normal(O).astype(np.float32) if bias else None
     op = TiledGemm(wq, g, s, w_bits=wb, a_bits=ab)

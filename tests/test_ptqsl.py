@@ -4,20 +4,21 @@ baseline, parameter validation, and PTQ-SL against max calibration on the real R
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pimsim.calibrate as calib
+import ptqsl_reference as ref
+from pimsim.backends import build_backend
 from pimsim import ptqsl
 from pimsim.methods import get_method
 from pimsim.network import GemmLayer
-from pimsim.quant import Granularity, max_scale, max_scales, qrange, quantize_weight
+from pimsim.quant import Granularity, max_scale, max_scales, qrange
 from pimsim.testing import CHECKPOINT, data_dir_or_skip
 
 PROP = settings(deadline=None, max_examples=150, derandomize=True,
@@ -380,6 +381,37 @@ def test_calibrate_small_network(metric):
 # the real network
 # --------------------------------------------------------------------------------------------
 
+def _conv(layer, x, w):
+    """The layer's convolution with weights ``w`` (float32 operands: float64 convolutions of
+    128 images would add half a minute; the comparison below allows float32 rounding)."""
+    return F.conv2d(x.float(), w.float(), layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+def _check_layers_run_what_calibration_reported(net, x):
+    """Every PTQ-SL layer's integers (kernel and fake path) are ``clamp(round(w / s_ij))`` of
+    its tile scales, done here tile by tile; and the error it reports is Eq. 6 of exactly these
+    weights and its activation scale, recomputed on the input it saw in calibration (the
+    fake-mode network's) against the float network's output."""
+    ins_q, ins_f = ref.layer_inputs(net, x, "fake"), ref.layer_inputs(net, x, "float")
+    for l in net.quantized_layers:
+        q, i = l.quant, l.quant.info
+        assert i["err"] <= i["err_max"], l.name
+        assert i["err"] < i["err_init"], l.name
+        W = l.weight_matrix().astype(np.float64)
+        g = q.grid
+        wq = ref.quantize_tiles(W, q.w_scales, g.r, g.c, q.w_bits, False)
+        assert np.array_equal(build_backend("kernel", l).op.wq.astype(np.int64), wq), l.name
+        w_hat = ref.dequant_tiles(W, q.w_scales, g.r, g.c, q.w_bits, False)
+        np.testing.assert_allclose(build_backend("fake", l).weight.reshape(l.O, -1).double().numpy(), w_hat,
+                                   rtol=1e-6, atol=0, err_msg=l.name)
+        s = q.act_scale
+        xq = (ins_q[l.name].double() / s).round().clamp(-128, 127) * s
+        y = _conv(l, xq, torch.from_numpy(w_hat).reshape(l.weight.shape))
+        t = _conv(l, ins_f[l.name], l.weight)
+        err = float(torch.linalg.vector_norm(t.double() - y.double()))
+        assert i["err"] == pytest.approx(err, rel=1e-5), l.name
+
+
 @pytest.mark.slow
 def test_resnet20_ptqsl_beats_max():
     from pimsim.data import calibration_set, load_cifar10, to_tensor
@@ -399,12 +431,6 @@ def test_resnet20_ptqsl_beats_max():
         net.set_mode("fake")
         acc[method], _ = evaluate(net, test_x, test_y, progress=False)
         if method == "ptqsl":
-            for l in net.quantized_layers:
-                i = l.quant.info
-                assert i["err"] <= i["err_max"], l.name
-                assert i["err"] < i["err_init"], l.name
-                # the scales the layer really uses are the ones whose error was reported
-                w = quantize_weight(l.weight_matrix(), l.quant.grid, l.quant.w_scales, 4)
-                assert np.array_equal(w, l.quant.weight_int(l.weight_matrix()))
+            _check_layers_run_what_calibration_reported(net, x)
     print(acc)
     assert acc["ptqsl"] >= acc["max"]

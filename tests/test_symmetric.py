@@ -1,8 +1,9 @@
 """Calibration in the symmetric integer range of crossbar arrays: with ``symmetric`` the
-methods search their scales for ``[-(2^(b-1)-1), 2^(b-1)-1]`` (no weight or input at
-``-2^(b-1)``), gram and direct mode still agree, every path (``calibrate``, the reorder search,
-``pimsim run`` with a ``crossbar:`` section) produces symmetric layers, and a method that ignores
-the flag is clamped afterwards."""
+methods CHOOSE their scales for ``[-(2^(b-1)-1), 2^(b-1)-1]`` -- checked against brute-force
+references (``ptqsl_reference``) computed in that range, on layers where the symmetric choice
+differs from the asymmetric one -- gram and direct mode still agree, every path (``calibrate``,
+the reorder search, ``pimsim run`` with a ``crossbar:`` section) produces layers that choose and
+run in the symmetric range, and a method that ignores the flag is clamped afterwards."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pimsim.calibrate as calib
+import ptqsl_reference as ref
 from pimsim import methods
 from pimsim import ptqsl
 from pimsim import reorder as R
@@ -52,20 +54,49 @@ def test_qrange_and_quantize_symmetric():
     assert quantize_weight(w, grid, np.ones((1, 1)), 4, symmetric=True).min() == -7
 
 
-def test_symmetric_search_never_uses_the_negative_end():
-    found = 0
-    for seed in range(30):
-        layer, x, t = problem("conv", 6, 3, seed)
-        params = {"candidates": 40, "alpha": 0.4, "beta": 1.3}
-        gran = Granularity.tile(2, 9)
-        a = ptqsl.ptqsl_method(layer, x, t, gran, 3, 8, params)
-        s = ptqsl.ptqsl_method(layer, x, t, gran, 3, 8, {**params, "symmetric": True})
-        W = layer.weight_matrix()
-        found += int((a.weight_int(W) == -4).any())
-        assert s.symmetric and s.info["symmetric"] and not a.symmetric
-        assert s.weight_int(W).min() >= -3
-        assert s.info["err"] <= s.info["err_max"]
-    assert found > 0          # the asymmetric search does use -2^(b-1) on some of these layers
+FACTORS = np.linspace(0.5, 1.2, 12)     # 1.0 not among them: the max init stays distinct
+MARGIN = 1e-7                           # reference decisions not near a tie
+
+
+def crafted(seed):
+    """A linear layer whose every row has its largest magnitude negative (-1.0) and an input
+    whose first feature is negative: shrinking a scale below max calibration is cheap when
+    -2^(b-1) is available and costly when it is not, so the two ranges choose differently."""
+    torch.manual_seed(seed)
+    mod = nn.Linear(6, 3)
+    with torch.no_grad():
+        mod.weight.copy_(torch.randn(3, 6) * 0.3)
+        mod.weight[:, 0] = -1.0
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(40, 6, generator=g)
+    x[:, 0] = -x[:, 0].abs() - 0.5
+    with torch.no_grad():
+        y = mod(x)
+    return mod, x, y + 0.1 * y.std() * torch.randn(y.shape, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["gram", "direct"])
+@pytest.mark.parametrize("gran", [Granularity.channelwise(), Granularity.tile(1, 3)], ids=str)
+def test_symmetric_search_chooses_the_symmetric_optimum(gran, mode):
+    """PTQ-SL's scales (weights and input) are the brute-force choice of the paper's steps in
+    the range asked for; on these layers the symmetric choice differs from the asymmetric one,
+    so a search that ignored the flag (and only clamped afterwards) would fail."""
+    params = {"candidates": len(FACTORS), "alpha": 0.5, "beta": 1.2, "act_search": "grid",
+              "mode": mode}
+    for seed in range(3):
+        mod, x, t = crafted(seed)
+        layer, L = GemmLayer("l", mod), ref.Layer(mod, x, t)
+        grid = gran.resolve(layer.O, layer.K)
+        want = {sym: ref.pipeline(L, grid.r, grid.c, 3, 4, FACTORS, 3, sym) for sym in (False, True)}
+        assert not np.array_equal(want[True]["S"], want[False]["S"]), seed   # the flag matters
+        for sym in (False, True):
+            assert want[sym]["margin"] > MARGIN, (seed, sym)
+            q = ptqsl.ptqsl_method(layer, x, t, gran, 3, 4, {**params, "symmetric": sym})
+            np.testing.assert_allclose(q.w_scales, want[sym]["S"], rtol=1e-14,
+                                       err_msg=f"seed {seed}, symmetric={sym}")
+            assert q.act_scale == pytest.approx(want[sym]["s_x"], rel=1e-14), (seed, sym)
+            assert q.info["err"] == pytest.approx(want[sym]["err"], rel=1e-5)
+            assert q.symmetric == q.info["symmetric"] == sym
 
 
 @PROP
@@ -81,7 +112,13 @@ def test_symmetric_gram_equals_direct(kind, O, C, gkind, ga, gb, wb, ab, seed, m
     g = ptqsl.ptqsl_method(layer, x, t, gran, wb, ab, {**p, "mode": "gram"})
     d = ptqsl.ptqsl_method(layer, x, t, gran, wb, ab, {**p, "mode": "direct"})
     assert np.array_equal(g.w_scales, d.w_scales) and g.act_scale == d.act_scale
-    assert g.weight_int(layer.weight_matrix()).min() >= -qrange(wb, True)[1]
+    # the error the search reports is Eq. 6 of its scales in the symmetric range (weights and
+    # input), recomputed here tile by tile: the search optimized what the arrays will hold
+    grid = gran.resolve(layer.O, layer.K)
+    L = ref.Layer(layer, x, t)
+    err = L.objective(ref.dequant_tiles(L.W, g.w_scales, grid.r, grid.c, wb, True),
+                      L.xq(g.act_scale, ab, True), metric)
+    assert g.info["err"] == pytest.approx(err, rel=1e-5, abs=1e-7)
 
 
 def test_mse_symmetric_brute_force():
@@ -109,6 +146,65 @@ def small_net():
     return build_network(model.eval())
 
 
+def reference_output(layer, xin, a_bits):
+    """The layer's output on ``xin`` in the symmetric range, by hand: its weights quantized
+    tile by tile to +-(2^(w-1)-1) and ``xin`` to +-(2^(a-1)-1), float64 (batch first)."""
+    q = layer.quant
+    L = ref.Layer(layer, xin, ref.float_target(layer, xin))
+    W_hat = ref.dequant_tiles(L.W, q.w_scales, q.grid.r, q.grid.c, q.w_bits, True)
+    Y = W_hat @ L.xq(q.act_scale, a_bits, True) + L.b[:, None]              # O x (B * pixels)
+    if layer.kind == "linear":
+        return Y.T
+    ho, wo = layer.out_hw(xin.shape[2], xin.shape[3])
+    return Y.reshape(layer.O, xin.shape[0], ho, wo).transpose(1, 0, 2, 3)
+
+
+def check_runs_symmetric(net, x, a_bits):
+    """Every layer, fed the input it saw in calibration with random signs and scaled to 1.5x
+    its integer range (so that inputs clamp at both ends), computes in the symmetric range on
+    both the fake and the kernel path."""
+    ins = ref.layer_inputs(net, x, "fake")
+    g = torch.Generator().manual_seed(5)
+    for l in net.layers:
+        signs = torch.randint(0, 2, ins[l.name].shape, generator=g) * 2.0 - 1.0
+        x0 = ins[l.name]
+        xin = x0 * signs * (1.5 * 2 ** (a_bits - 1) * l.quant.act_scale / float(x0.abs().max()))
+        want = reference_output(l, xin, a_bits)
+        assert (xin / l.quant.act_scale).min() < -(2 ** (a_bits - 1)), l.name   # clamps
+        for y in (l.fake_forward(xin), l.kernel_forward(xin)):
+            err = np.abs(y.double().numpy() - want).max() / np.abs(want).max()
+            assert err <= 1e-5, f"{l.name}: {err:.3g}"
+
+
+def check_chose_symmetric(net, x, method, gran, w_bits, a_bits, params):
+    """Every layer's scales are the reference choice of ``method`` in the symmetric range on
+    the input it saw in calibration; returns how many layers the asymmetric choice differs on."""
+    ins_q, ins_f = ref.layer_inputs(net, x, "fake"), ref.layer_inputs(net, x, "float")
+    differ = 0
+    for l in net.layers:
+        grid = gran.resolve(l.O, l.K)
+        W = l.weight_matrix().astype(np.float64)
+        if method == "mse":
+            want = {sym: ref.mse_reference(W, grid.r, grid.c, w_bits, FACTORS, sym)
+                    for sym in (False, True)}
+            assert want[True][1] > MARGIN, l.name
+            np.testing.assert_allclose(l.quant.w_scales, want[True][0], rtol=1e-14, err_msg=l.name)
+            differ += not np.array_equal(want[True][0], want[False][0])
+        else:
+            L = ref.Layer(l, ins_q[l.name], ref.float_target(l, ins_f[l.name]))
+            want = {sym: ref.pipeline(L, grid.r, grid.c, w_bits, a_bits, FACTORS,
+                                      params.get("rounds", 3), sym) for sym in (False, True)}
+            assert want[True]["margin"] > MARGIN, l.name
+            np.testing.assert_allclose(l.quant.w_scales, want[True]["S"], rtol=1e-14,
+                                       err_msg=l.name)
+            assert l.quant.act_scale == pytest.approx(want[True]["s_x"], rel=1e-14), l.name
+            differ += not np.array_equal(want[True]["S"], want[False]["S"])
+    return differ
+
+
+SEARCH = {"candidates": len(FACTORS), "alpha": 0.5, "beta": 1.2, "act_search": "grid"}
+
+
 @pytest.mark.parametrize("method", ["max", "mse", "ptqsl", "ignores-flag"])
 def test_calibrate_symmetric_every_method(method):
     if method == "ignores-flag":
@@ -117,32 +213,41 @@ def test_calibrate_symmetric_every_method(method):
             return LayerQuant(grid, max_scales(layer.weight_matrix(), grid, w_bits) * 0.6, 0.05,
                               w_bits, a_bits)
         methods.register_method("ignores-flag", fn)
+    net = small_net()
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    gran = Granularity.tile(4, 9)
     try:
-        net = small_net()
-        x = torch.randn(6, 3, 8, 8)
-        calib.calibrate(net, x, Granularity.tile(4, 9), 3, 6, method=method, float_layers=[],
-                        progress=False, params={"candidates": 15} if method != "max" else {},
-                        symmetric=True)
-        for l in net.layers:
-            assert l.quant.symmetric
-            assert l.quant.weight_int(l.weight_matrix()).min() >= -3
-        net.set_mode("fake")
-        with torch.no_grad():
-            assert torch.isfinite(net(x)).all()
+        calib.calibrate(net, x, gran, 3, 6, method=method, float_layers=[], progress=False,
+                        params=SEARCH if method in ("mse", "ptqsl") else {}, symmetric=True)
     finally:
         if method == "ignores-flag":
             methods.unregister_method("ignores-flag")
+    for l in net.layers:
+        assert l.quant.symmetric
+    if method in ("mse", "ptqsl"):
+        assert check_chose_symmetric(net, x, method, gran, 3, 6, SEARCH) > 0
+    if method == "ignores-flag":      # clamped afterwards: its 0.6 x max scales reach -4
+        W = [l.weight_matrix().astype(np.float64) for l in net.layers]
+        assert any((ref.quantize_tiles(w, l.quant.w_scales, 4, 9, 3, False) == -4).any()
+                   for w, l in zip(W, net.layers))
+    check_runs_symmetric(net, x, 6)
 
 
 def test_reorder_search_symmetric():
+    """The evolutionary search calibrates in the symmetric range: every layer of the network
+    it leaves holds the symmetric PTQ-SL choice for its final order and runs symmetric."""
     net = small_net()
-    x = torch.randn(8, 3, 8, 8)
-    res = R.evolve(net, x, Granularity.split(2, 2), 3, 8, params={"candidates": 10, "rounds": 1},
-                   float_layers=[], population=3, generations=1, seed=0, progress=False,
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    gran = Granularity.split(2, 2)
+    params = {**SEARCH, "rounds": 1}
+    res = R.evolve(net, x, gran, 3, 8, params=params, float_layers=[], population=3,
+                   generations=1, seed=0, progress=False,
                    reorderer=R.Reorderer(net, R.find_groups(net, x[:1])), symmetric=True)
     assert res["orders"]
     for l in net.layers:
-        assert l.quant.symmetric and l.quant.weight_int(l.weight_matrix()).min() >= -3
+        assert l.quant.symmetric
+    assert check_chose_symmetric(net, x, "ptqsl", gran, 3, 8, params) > 0
+    check_runs_symmetric(net, x, 8)
 
 
 def test_symmetric_follows_the_crossbar_section():
