@@ -63,7 +63,7 @@ def _tile(v):
 
 def _search(v):
     if not isinstance(v, dict):
-        return "must be a mapping of alpha, beta, candidates, rounds, mode, act_search"
+        return f"must be a mapping of {', '.join(_SEARCH_YAML)}"
     if "metric" in v:
         return "the metric is quant.metric, not quant.search.metric"
     if "symmetric" in v:
