@@ -69,6 +69,7 @@ def _print_notes(notes, skip=()) -> None:
 
 def _cmd_run(args) -> int:
     from .config import load
+    from .kernels import set_threads
     from .simulate import run
     if args.out:
         check_out_file(args.out)
@@ -76,6 +77,7 @@ def _cmd_run(args) -> int:
     _print_notes(cfg.notes)
     if args.backend:
         cfg.data["eval"]["backend"] = args.backend
+    set_threads(cfg["eval.threads"])     # the command is the top level: its threads, process-wide
     res = run(cfg, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)
     _print_notes(res["notes"], skip=cfg.notes)
     q = res["config"]["quant"]

@@ -1,37 +1,13 @@
 """YAML configuration -> validated, typed config. Every error names file, key, value and what is
 allowed, and is raised before any work starts.
 
-Schema (defaults in brackets; see README for the full table):
-
-    model.name          zoo model name                                   [resnet20]
-    model.checkpoint    checkpoint file, or null: fine-tuned else published [null]
-    quant.weight_bits   2..16                                            [4]
-    quant.act_bits      2..16                                            [8]
-    quant.tile          channelwise | layerwise | [r, c] | [r, null]     [channelwise]
-    quant.splits        m of Method 2 (with tile [r, null]), or null     [null]
-    quant.calibration   a method of pimsim.methods: max | mse | ptqsl    [ptqsl]
-    quant.metric        euclidean | cosine (PTQ-SL objective)            [euclidean]
-    quant.search.*      alpha [0.5], beta [1.2], candidates [100], rounds [3],
-                        mode gram|direct [gram], act_search golden|grid [golden]
-    quant.calib_images  calibration images from data_batch_1             [128]
-    quant.seed          seed of the calibration draw                     [0]
-    quant.float_layers  auto (first and last GEMM) | list of layer names [auto]
-    data.dir            data folder holding cifar-10-batches-py/, or null [null]
-    eval.batch_size     images per evaluation batch                      [500]
-    eval.backend        kernel (tiled-integer Numba kernel) | fake       [kernel]
-    eval.limit          evaluate the first N test images, or null = all  [null]
-    eval.threads        threads for torch and Numba, 0 = all cores       [0]
-    reorder.method      none | random (one seeded joint order) | evolution [none]
-    reorder.population  orders per generation of the evolutionary search [20]
-    reorder.generations generations per segment                         [30]
-    reorder.swaps       random channel transpositions per mutation      [2]
-    reorder.seed        seed of the random orders and of the search     [0]
-    crossbar.*          optional array description (pimsim.crossbar.Crossbar); absent = null:
-      rows [128] word lines, cols [128] bit lines, cell_bits [2] bits/cell,
-      signed [differential] | offset, dac_bits [1] input bits/cycle, adc_bits [0] (0 = ideal),
-      adc_range [full] | calibrated | column-sum value, scale_bits [16] bits/scale, name [custom]
-    quant.tile: crossbar  the tile that fills one array (needs crossbar:)
-    eval.backend: crossbar  array-level simulation (needs crossbar:)
+The schema is one typed, documented definition per section (``SECTIONS``): a frozen dataclass
+whose fields carry default, check and doc (``pimsim.schema.setting``). ``model``, ``quant``,
+``data`` and ``eval`` are defined here; ``reorder`` is ``pimsim.reorder.ReorderParams``,
+``crossbar`` (optional: null unless given) is ``pimsim.crossbar.Crossbar`` and ``cost`` is
+``pimsim.cost.CostParams``; the defaults of ``quant.search`` and ``quant.metric`` are
+``pimsim.ptqsl.SearchParams``. ``SCHEMA`` is read off those classes; README's
+"Configuration (YAML)" tables are checked against it (tests/test_schema.py).
 """
 
 from __future__ import annotations
@@ -42,12 +18,17 @@ from pathlib import Path
 
 import yaml
 
+from .cost import CostParams
+from .crossbar import Crossbar
 from .methods import get_method, method_names
+from .ptqsl import DEFAULTS as SEARCH_DEFAULTS
 from .ptqsl import check_params as check_search_params
 from .quant import Granularity, MAX_BITS, MIN_BITS
+from .reorder.search import METHODS as REORDER_METHODS
+from .reorder.search import ReorderParams
+from .schema import Key, int_in, keys_of, non_empty_str, one_of, optional, setting
 
 BACKENDS = ("kernel", "fake", "crossbar")
-REORDER_METHODS = ("none", "random", "evolution")
 
 
 class ConfigError(ValueError):
@@ -59,41 +40,10 @@ def fmt_value(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True, width=200).strip().removesuffix("...").strip()
 
 
-@dataclass(frozen=True)
-class Key:
-    """One configuration key: its default, a check returning an error text (or None) and a doc."""
-
-    default: object
-    check: object
-    doc: str
-
-
-def _int_in(lo, hi=None):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"must be an integer{'' if hi is None else f' in {lo}..{hi}'}"
-        if v < lo or (hi is not None and v > hi):
-            return f"must be in {lo}..{hi}" if hi is not None else f"must be >= {lo}"
-        return None
-    return check
-
-
-def _optional(check):
-    return lambda v: None if v is None else check(v)
-
-
-def _one_of(options):
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
-
-
 def _method(v):
     """A registered calibration method (read when checked: methods registered later count)."""
     names = method_names()
     return None if v in names else f"must be one of {', '.join(names)}"
-
-
-def _str(v):
-    return None if isinstance(v, str) and v else "must be a non-empty string"
 
 
 def _tile(v):
@@ -113,7 +63,7 @@ def _tile(v):
 
 def _search(v):
     if not isinstance(v, dict):
-        return "must be a mapping of alpha, beta, candidates, rounds, mode, act_search"
+        return f"must be a mapping of {', '.join(_SEARCH_YAML)}"
     if "metric" in v:
         return "the metric is quant.metric, not quant.search.metric"
     if "symmetric" in v:
@@ -134,76 +84,78 @@ def _float_layers(v):
     return "must be auto or a list of layer names"
 
 
-def _crossbar_check(name):
-    from .crossbar import check_field
-    return lambda v: check_field(name, v)
+# quant.search: the PTQ-SL search options of YAML (quant.metric and the symmetric range are set
+# elsewhere); their defaults are pimsim.ptqsl.SearchParams
+_SEARCH_YAML = tuple(k for k in SEARCH_DEFAULTS if k not in ("metric", "symmetric"))
 
 
-_CROSSBAR_KEYS = (                                # (key, default, unit and meaning)
-    ("rows", 128, "word lines per array = inputs (count)"),
-    ("cols", 128, "bit lines per array = output columns (count)"),
-    ("cell_bits", 2, "bits stored per cell (1..8)"),
-    ("signed", "differential", "signed weights: differential (+/- column sets) | offset "
-                               "(w + 2^(b-1)-1 with reference columns)"),
-    ("dac_bits", 1, "input bits applied per cycle (1..8), inputs are bit-serial"),
-    ("adc_bits", 0, "ADC resolution in bits (0 = ideal, 1..16)"),
-    ("adc_range", "full", "ADC range: full (largest possible column sum) | calibrated (per "
-                          "array, largest column sum on the calibration batch) | a number "
-                          "(column-sum units)"),
-    ("scale_bits", 16, "bits to store one tile scale (1..64)"),
-    ("name", "custom", "preset name"),
-)
+@dataclass(frozen=True)
+class ModelSection:
+    """``model:`` -- which network, which weights."""
 
-SCHEMA: dict[str, dict[str, Key]] = {
-    "model": {
-        "name": Key("resnet20", _str, "model of the zoo (pimsim.models.MODELS)"),
-        "checkpoint": Key(None, _optional(_str),
-                          "checkpoint file (.th / .pt read as tensors only, or .safetensors); "
-                          "relative paths are looked up beside the YAML file, in the working "
-                          "directory, then in <data dir>/models/; null = from <data dir>/models/ "
-                          "the fine-tuned default if present, else the published one"),
-    },
-    "quant": {
-        "weight_bits": Key(4, _int_in(MIN_BITS, MAX_BITS), "weight bits b_w"),
-        "act_bits": Key(8, _int_in(MIN_BITS, MAX_BITS), "activation bits b_a"),
-        "tile": Key("channelwise", _tile, "sub-matrix shape: channelwise, layerwise, [r, c] "
-                    "(Method 1) or [r, null] with splits (Method 2)"),
-        "splits": Key(None, _optional(_int_in(1)), "m of Method 2: c = ceil(K / m)"),
-        "calibration": Key("ptqsl", _method, "scale calibration method (pimsim.methods)"),
-        "metric": Key("euclidean", _one_of(("euclidean", "cosine")),
-                      "PTQ-SL objective (Eq. 6): euclidean ||Y-Ŷ|| or cosine 1-cos(Y,Ŷ)"),
-        "search": Key({"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3,
-                       "mode": "gram", "act_search": "golden"}, _search,
-                      "PTQ-SL / mse search: candidates linear in [alpha, beta] x max init, "
-                      "rounds of Algorithm 1, mode gram|direct, act_search golden|grid"),
-        "calib_images": Key(128, _int_in(1, 10000), "calibration images from data_batch_1"),
-        "seed": Key(0, _int_in(0), "seed of the calibration image draw"),
-        "float_layers": Key("auto", _float_layers,
-                            "layers kept in float: auto (first and last) or a list of names"),
-    },
-    "data": {
-        "dir": Key(None, _optional(_str), "data folder with cifar-10-batches-py/ (and models/)"),
-    },
-    "eval": {
-        "batch_size": Key(500, _int_in(1), "test images per batch"),
-        "backend": Key("kernel", _one_of(BACKENDS),
-                       "kernel: tiled-integer Numba kernel (exact); fake: dequantized torch conv; "
-                       "crossbar: array-level simulation (needs a crossbar: section)"),
-        "limit": Key(None, _optional(_int_in(1)), "evaluate only the first N test images"),
-        "threads": Key(0, _int_in(0), "threads for torch and Numba (0 = all cores)"),
-    },
-    "reorder": {
-        "method": Key("none", _one_of(REORDER_METHODS),
-                      "channel reordering: none, random (one seeded random joint order) or "
-                      "evolution (evolutionary search per segment)"),
-        "population": Key(20, _int_in(2, 10000), "orders per generation of the search"),
-        "generations": Key(30, _int_in(0, 100000), "generations per segment"),
-        "swaps": Key(2, _int_in(1, 10000), "random channel transpositions per mutation"),
-        "seed": Key(0, _int_in(0), "seed of the random orders and of the search"),
-    },
-    # optional: the section is null unless the config (or --set crossbar.*) gives it
-    "crossbar": {f: Key(d, _crossbar_check(f), doc) for f, d, doc in _CROSSBAR_KEYS},
+    name: str = setting("resnet20", "model of the zoo (pimsim.models.MODELS)", non_empty_str)
+    checkpoint: str | None = setting(
+        None, "checkpoint file (.th / .pt read as tensors only, or .safetensors); relative paths "
+        "are looked up beside the YAML file, in the working directory, then in <data dir>/models/;"
+        " null = from <data dir>/models/ the fine-tuned default if present, else the published "
+        "one", optional(non_empty_str))
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    """``quant:`` -- bits, granularity and calibration."""
+
+    weight_bits: int = setting(4, "weight bits b_w", int_in(MIN_BITS, MAX_BITS))
+    act_bits: int = setting(8, "activation bits b_a", int_in(MIN_BITS, MAX_BITS))
+    tile: object = setting("channelwise", "sub-matrix shape: channelwise, layerwise, [r, c] "
+                           "(Method 1) or [r, null] with splits (Method 2)", _tile)
+    splits: int | None = setting(None, "m of Method 2: c = ceil(K / m)", optional(int_in(1)))
+    calibration: str = setting("ptqsl", "scale calibration method (pimsim.methods)", _method)
+    metric: str = setting(SEARCH_DEFAULTS["metric"], "PTQ-SL objective (Eq. 6): euclidean "
+                          "||Y-Ŷ|| or cosine 1-cos(Y,Ŷ)", one_of(("euclidean", "cosine")))
+    search: dict = setting(doc="PTQ-SL / mse search: candidates linear in [alpha, beta] x max "
+                           "init, rounds of Algorithm 1, mode gram|direct, act_search "
+                           "golden|grid", check=_search,
+                           factory=lambda: {k: SEARCH_DEFAULTS[k] for k in _SEARCH_YAML})
+    calib_images: int = setting(128, "calibration images from data_batch_1", int_in(1, 10000))
+    seed: int = setting(0, "seed of the calibration image draw", int_in(0))
+    float_layers: object = setting("auto", "layers kept in float: auto (first and last) or a "
+                                   "list of names", _float_layers)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``data:`` -- where CIFAR-10 (and the checkpoints) are."""
+
+    dir: str | None = setting(None, "data folder with cifar-10-batches-py/ (and models/)",
+                              optional(non_empty_str))
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """``eval:`` -- how the quantized network is evaluated."""
+
+    batch_size: int = setting(500, "test images per batch", int_in(1))
+    backend: str = setting("kernel", "kernel: tiled-integer Numba kernel (exact); fake: "
+                           "dequantized torch conv; crossbar: array-level simulation (needs a "
+                           "crossbar: section)", one_of(BACKENDS))
+    limit: int | None = setting(None, "evaluate only the first N test images",
+                                optional(int_in(1)))
+    threads: int = setting(0, "threads for torch and Numba (0 = all cores)", int_in(0))
+
+
+# section name -> its one definition, in the order of the YAML file (and of error messages)
+SECTIONS = {
+    "model": ModelSection,
+    "quant": QuantSection,
+    "data": DataSection,
+    "eval": EvalSection,
+    "reorder": ReorderParams,
+    "crossbar": Crossbar,          # optional: null unless the config (or --set crossbar.*) gives it
+    "cost": CostParams,            # per-operation constants of pimsim.cost (energy pJ, time ns)
 }
+
+SCHEMA: dict[str, dict[str, Key]] = {sec: keys_of(cls) for sec, cls in SECTIONS.items()}
 
 
 OPTIONAL_SECTIONS = ("crossbar",)  # null unless given (`crossbar: {}` = all its defaults)
@@ -248,7 +200,6 @@ class Config:
         """The ``pimsim.crossbar.Crossbar`` of the ``crossbar:`` section, or None."""
         if self.data.get("crossbar") is None:
             return None
-        from .crossbar import Crossbar
         return Crossbar(**self.data["crossbar"])
 
     @property
@@ -359,7 +310,6 @@ def _check_crossbar(data: dict, given: set, origin: dict, source: str) -> None:
             if data[sec][k] == value:
                 raise _err(origin.get(key, source), key, value, "needs a crossbar: section")
         return
-    from .crossbar import Crossbar
     xb = Crossbar(**data["crossbar"])
     wb = data["quant"]["weight_bits"]
     problem = xb.weight_problem(wb)
@@ -449,23 +399,3 @@ def load(path, overrides=()) -> Config:
     if raw is None:
         cfg.notes = (*cfg.notes, f"{path}: empty config: every key takes its default")
     return cfg
-
-
-# --------------------------------------------------------------------------- cost: section
-# Per-operation constants of the cost model (pimsim.cost): energy in pJ, time in ns; the keys,
-# defaults and their published sources are pimsim.cost.COST_KEYS.
-def _positive_number(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-        return "must be a positive number"
-    return None
-
-
-def _cost_schema() -> dict:
-    from .cost import COST_KEYS
-    checks = {"digital_lanes": _int_in(1), "input_passes": _int_in(1, 2),
-              "adc_ref_bits": _int_in(0, 16),
-              "overlap_digital": lambda v: None if isinstance(v, bool) else "must be true or false"}
-    return {k: Key(d, checks.get(k, _positive_number), doc) for k, d, doc in COST_KEYS}
-
-
-SCHEMA["cost"] = _cost_schema()

@@ -57,7 +57,7 @@ latency  layers run one after another, all arrays of a layer in parallel, output
          latency_ns = a + d + (P - 1) * max(a, d)
 
 Totals are sums over layers; ratios are recomputed from the summed figures. The per-operation
-constants are the YAML section ``cost:`` (pimsim.config.COST_KEYS; defaults cited there).
+constants are the YAML section ``cost:`` (``CostParams``; defaults and their sources there).
 """
 
 from __future__ import annotations
@@ -69,57 +69,56 @@ import math
 from dataclasses import dataclass
 
 from .quant import Granularity
+from .schema import boolean, int_in, keys_of, positive_number, setting
 
-# (key, default, unit and source) of the ``cost:`` section. Defaults:
+# The ``cost:`` section: one field per constant (default, unit and source, check). Sources:
 # ISAAC = Shafiee et al., "ISAAC: A Convolutional Neural Network Accelerator with In-Situ Analog
 # Arithmetic in Crossbars", ISCA 2016, Table 2 (32 nm, 128x128 arrays, 100 ns read cycle);
 # Horowitz = M. Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm).
-COST_KEYS = (
-    ("array_read_pj", 30.0, "pJ per read cycle of one array (ISAAC: 0.3 mW per 128x128 array "
-                            "x 100 ns)"),
-    ("adc_pj", 1.5625, "pJ per ADC conversion (ISAAC: 8-bit ADC, 2 mW at 1.28 GS/s)"),
-    ("adc_ref_bits", 8, "ADC resolution (bits) at which adc_pj holds; the energy per conversion "
-                        "scales as 2^(bits - adc_ref_bits), i.e. a constant Walden figure of merit "
-                        "(B. Murmann, ADC Performance Survey 1997-2024: near-constant energy per "
-                        "conversion step below ~10 bits); 0 = adc_pj at every resolution"),
-    ("dac_pj", 0.39, "pJ per DAC conversion of one word line in one cycle (ISAAC: 1-bit DACs, "
-                     "4 mW for 8 x 128 DACs x 100 ns)"),
-    ("mult_pj", 1.1, "pJ per digital rescale multiply (Horowitz: 16-bit float multiply)"),
-    ("add_pj", 0.1, "pJ per digital add / shift-add (Horowitz: 32-bit integer add)"),
-    ("buffer_pj", 1.25, "pJ per buffer access of one 8-bit element (Horowitz: 10 pJ per 64-bit "
-                        "read of an 8 KB SRAM)"),
-    ("cycle_ns", 100.0, "ns per array read cycle incl. ADC conversion (ISAAC: 100 ns)"),
-    ("digital_op_ns", 1.0, "ns per digital operation step (1 GHz digital clock)"),
-    ("digital_lanes", 128, "digital operations per step (multiply/add lanes)"),
-    ("input_passes", 1, "bit-serial passes per input vector: 1 = non-negative (post-ReLU) "
-                        "inputs, 2 = signed inputs (positive and negative parts)"),
-    ("overlap_digital", False, "true: a pixel's digital work (rescale, partial sums) overlaps "
-                               "the next pixel's array cycles (two-stage pipeline); false: one "
-                               "after the other (conservative)"),
-)
-
-
 @dataclass(frozen=True)
 class CostParams:
-    """Per-operation energy (pJ) and time (ns) constants; see ``COST_KEYS``."""
+    """Per-operation energy (pJ) and time (ns) constants: the YAML section ``cost:``, whose
+    keys, defaults, checks and docs ``pimsim.config`` reads from these fields."""
 
-    array_read_pj: float = 30.0
-    adc_pj: float = 1.5625
-    adc_ref_bits: int = 8
-    dac_pj: float = 0.39
-    mult_pj: float = 1.1
-    add_pj: float = 0.1
-    buffer_pj: float = 1.25
-    cycle_ns: float = 100.0
-    digital_op_ns: float = 1.0
-    digital_lanes: int = 128
-    input_passes: int = 1
-    overlap_digital: bool = False
+    array_read_pj: float = setting(30.0, "pJ per read cycle of one array (ISAAC: 0.3 mW per "
+                                   "128x128 array x 100 ns)", positive_number)
+    adc_pj: float = setting(1.5625, "pJ per ADC conversion (ISAAC: 8-bit ADC, 2 mW at "
+                            "1.28 GS/s)", positive_number)
+    adc_ref_bits: int = setting(8, "ADC resolution (bits) at which adc_pj holds; the energy per "
+                                "conversion scales as 2^(bits - adc_ref_bits), i.e. a constant "
+                                "Walden figure of merit (B. Murmann, ADC Performance Survey "
+                                "1997-2024: near-constant energy per conversion step below ~10 "
+                                "bits); 0 = adc_pj at every resolution", int_in(0, 16))
+    dac_pj: float = setting(0.39, "pJ per DAC conversion of one word line in one cycle (ISAAC: "
+                            "1-bit DACs, 4 mW for 8 x 128 DACs x 100 ns)", positive_number)
+    mult_pj: float = setting(1.1, "pJ per digital rescale multiply (Horowitz: 16-bit float "
+                             "multiply)", positive_number)
+    add_pj: float = setting(0.1, "pJ per digital add / shift-add (Horowitz: 32-bit integer add)",
+                            positive_number)
+    buffer_pj: float = setting(1.25, "pJ per buffer access of one 8-bit element (Horowitz: 10 pJ "
+                               "per 64-bit read of an 8 KB SRAM)", positive_number)
+    cycle_ns: float = setting(100.0, "ns per array read cycle incl. ADC conversion (ISAAC: "
+                              "100 ns)", positive_number)
+    digital_op_ns: float = setting(1.0, "ns per digital operation step (1 GHz digital clock)",
+                                   positive_number)
+    digital_lanes: int = setting(128, "digital operations per step (multiply/add lanes)",
+                                 int_in(1))
+    input_passes: int = setting(1, "bit-serial passes per input vector: 1 = non-negative "
+                                "(post-ReLU) inputs, 2 = signed inputs (positive and negative "
+                                "parts)", int_in(1, 2))
+    overlap_digital: bool = setting(False, "true: a pixel's digital work (rescale, partial sums) "
+                                    "overlaps the next pixel's array cycles (two-stage "
+                                    "pipeline); false: one after the other (conservative)",
+                                    boolean)
 
     @classmethod
     def from_config(cls, cfg) -> "CostParams":
         sec = cfg.data.get("cost") or {}
         return cls(**{k: sec[k] for k in (f.name for f in dataclasses.fields(cls)) if k in sec})
+
+
+# (key, default, unit and source) of the ``cost:`` section, read off CostParams
+COST_KEYS = tuple((k, key.default, key.doc) for k, key in keys_of(CostParams).items())
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -32,8 +33,9 @@ CHECKPOINT_URLS = {
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-# Loaded batches, keyed by the resolved path of the batch file.
-_CACHE: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+# Loaded batch files kept in memory (least recently used dropped first): a run reads two,
+# test_batch and the calibration batch data_batch_1 (~30 MB each).
+CACHE_BATCHES = 2
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -181,15 +183,30 @@ def load_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """A read-only view of a read-only private copy of ``a``: the view's WRITEABLE flag cannot
+    be set again (its base is not writeable), so no caller can change the cached data."""
+    own = np.array(a, copy=True)
+    own.setflags(write=False)
+    view = own.view()
+    view.setflags(write=False)
+    return view
+
+
+@functools.lru_cache(maxsize=CACHE_BATCHES)
+def _load_frozen(path: Path, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``load_batch(path)`` as read-only arrays; cached per (file, modification time, size), so
+    a file written again (``pimsim fetch``) is read again."""
+    images, labels = load_batch(path)
+    return _frozen(images), _frozen(labels)
+
+
 def _cached_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load a batch file once; later calls return the same read-only arrays."""
+    """Load a batch file once while it is among the last ``CACHE_BATCHES`` files read and
+    unchanged; later calls return the same read-only arrays."""
     key = path.resolve()
-    if key not in _CACHE:
-        images, labels = load_batch(key)
-        images.setflags(write=False)
-        labels.setflags(write=False)
-        _CACHE[key] = (images, labels)
-    return _CACHE[key]
+    st = key.stat()
+    return _load_frozen(key, st.st_mtime_ns, st.st_size)
 
 
 def load_cifar10(

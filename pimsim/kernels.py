@@ -30,6 +30,7 @@ pixel-major input of a convolution directly, so a conv layer needs no transposit
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numba
@@ -467,8 +468,24 @@ def tiled_matmul_reference(wq, xq, scales, grid: TileGrid, act_scale: float, *,
 
 
 def set_threads(n: int = 0) -> int:
-    """Use n threads (0 = all cores) in both torch (BLAS) and Numba; returns the count used."""
+    """Use n threads (0 = all cores) in both torch (BLAS) and Numba; returns the count used.
+
+    Process-wide (Numba's count is that of the calling thread): for a program's top level
+    (the CLI, a benchmark, a sweep worker process). Library code uses ``threads``."""
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     return n
+
+
+@contextlib.contextmanager
+def threads(n: int = 0):
+    """``with threads(n) as used:`` run a block with n threads (0 = all cores) in torch and
+    Numba (``set_threads``), then put both counts back as they were, also on an exception.
+    ``used`` is the count set."""
+    before_torch, before_numba = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        yield set_threads(n)
+    finally:
+        torch.set_num_threads(before_torch)
+        numba.set_num_threads(before_numba)

@@ -45,7 +45,8 @@ not import the registry):
     Per tile, the candidate of the same grid (or the ``max`` init, which wins ties) minimizing
     ``||W_ij - W^_ij||^2``; activation scale by ``max`` calibration.
 
-Parameters (``params`` dict; YAML ``quant.search.*`` and ``quant.metric``): see ``DEFAULTS``.
+Parameters (``params`` dict; YAML ``quant.search.*`` and ``quant.metric``): see ``SearchParams``
+(``DEFAULTS`` is its defaults as a dict).
 ``symmetric`` (set by ``calibrate(symmetric=True)``, which ``pimsim run`` uses when the config
 has a ``crossbar:`` section): weights and inputs are searched, and quantized, in the symmetric
 range ``[-(2^(b-1)-1), 2^(b-1)-1]`` that crossbar arrays store, so the scales are chosen for the
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,17 +65,28 @@ import torch.nn.functional as F
 
 from .network import GemmLayer, LayerQuant
 from .quant import Granularity, TileGrid, max_scale, max_scales, qrange, quantize_weight
+from .schema import defaults_of, setting
 
-DEFAULTS = {
-    "alpha": 0.5,           # lowest candidate, times the max-calibration init
-    "beta": 1.2,            # highest candidate, times the init
-    "candidates": 100,      # n candidates, linear in [alpha, beta] * init
-    "rounds": 3,            # rounds of Algorithm 1 (early stop when nothing changes)
-    "mode": "gram",         # gram | direct
-    "metric": "euclidean",  # euclidean | cosine
-    "act_search": "golden",  # golden | grid (activation-scale search)
-    "symmetric": False,     # integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)
-}
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The parameters of ``ptqsl`` / ``mse`` and their defaults (``DEFAULTS``; checked together
+    by ``check_params``). All but ``metric`` and ``symmetric`` are the YAML keys
+    ``quant.search.*``; ``metric`` is ``quant.metric``; ``symmetric`` follows from a
+    ``crossbar:`` section."""
+
+    alpha: float = setting(0.5, "lowest candidate, times the max-calibration init")
+    beta: float = setting(1.2, "highest candidate, times the init")
+    candidates: int = setting(100, "n candidates, linear in [alpha, beta] * init")
+    rounds: int = setting(3, "rounds of Algorithm 1 (early stop when nothing changes)")
+    mode: str = setting("gram", "gram (error from Gram matrices) | direct (Eq. 6 on the "
+                        "samples)")
+    metric: str = setting("euclidean", "euclidean | cosine: the objective of Eq. 6")
+    act_search: str = setting("golden", "golden | grid (activation-scale search)")
+    symmetric: bool = setting(False, "integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)")
+
+
+DEFAULTS = defaults_of(SearchParams)
 MODES = ("gram", "direct")
 METRICS = ("euclidean", "cosine")
 ACT_SEARCHES = ("golden", "grid")

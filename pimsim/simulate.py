@@ -19,7 +19,7 @@ from . import __version__
 from .calibrate import calibrate
 from .config import Config, ConfigError, resolve_checkpoint
 from .cost import config_cost, config_mapping, config_network
-from .kernels import set_threads
+from .kernels import threads as scoped_threads
 from .data import CIFAR_FOLDER, calibration_set, find_data_dir, load_cifar10, to_tensor
 from .network import Network
 from .provenance import provenance
@@ -147,10 +147,19 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
     (tensors only, finite), ``quant.float_layers``, the calibration batch and the cost model.
     A ``limit`` above the test-set size is capped: ``"limit_capped"`` is true and ``"notes"``
     says so (``config.eval.limit`` keeps the requested value, ``"images"`` the count used).
-    ``"checkpoint"`` is the file the weights came from."""
+    ``"checkpoint"`` is the file the weights came from.
+
+    The run uses ``eval.threads`` threads in torch and Numba and puts the caller's thread
+    counts back when it returns (``pimsim.kernels.threads``); ``"threads"`` is the count used.
+    """
     if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
         raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
-    threads = set_threads(cfg["eval.threads"])
+    with scoped_threads(cfg["eval.threads"]) as threads:
+        return _run(cfg, limit, data_dir, progress, threads)
+
+
+def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
+    """The body of ``run``, with ``threads`` threads set."""
     prep = prepare(cfg, data_dir)
     limit = limit or cfg["eval.limit"]
     images, labels = load_cifar10("test", prep.data_dir)

@@ -261,15 +261,21 @@ def result_row(res: dict) -> dict:
 
 
 def run_point(base_raw: dict, base_source: str, overrides: dict, data_dir=None) -> dict:
-    """Run one point in this process with 1 thread for torch and Numba; its result columns.
+    """Run one point in this process with 1 thread for torch and Numba (``eval.threads: 1``,
+    which ``simulate.run`` sets for the run only); its result columns.
 
     The same function runs in a local worker process and on a Dask worker.
     """
-    from .kernels import set_threads
     from .simulate import run
     cfg = validate(base_raw, base_source, list(overrides.items()) + [("eval.threads", 1)])
-    set_threads(1)
     return result_row(run(cfg, data_dir=data_dir, progress=False))
+
+
+def worker_init() -> None:
+    """Entry point of a local sweep worker process (its own top level): one thread for torch
+    and Numba for the life of the process."""
+    from .kernels import set_threads
+    set_threads(1)
 
 
 # --------------------------------------------------------------------------- results file
@@ -354,7 +360,8 @@ def _local_executor(workers: int):
     from concurrent.futures import ProcessPoolExecutor
     # spawn: a fresh interpreter per worker (torch/OpenMP do not survive fork); it inherits
     # sys.path, so the worker imports the same pimsim as the parent.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=worker_init)
 
 
 def run_sweep(sweep: Sweep, out=None, workers: int | None = None, scheduler=None,

@@ -12,11 +12,12 @@ model (``pimsim.cost``) read.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from ..quant import check_bits
+from ..schema import non_empty_str, setting
 
 SIGNED = ("differential", "offset")
 RANGES = ("full", "calibrated")
@@ -26,58 +27,55 @@ def _whole(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
 
-# (field, lo, hi, unit/meaning) of the integer fields; shared with pimsim.config
-INT_FIELDS = {
-    "rows": (1, 4096, "word lines per array (inputs)"),
-    "cols": (1, 4096, "bit lines per array (output columns)"),
-    "cell_bits": (1, 8, "bits stored per cell"),
-    "dac_bits": (1, 8, "input bits applied per cycle"),
-    "adc_bits": (0, 16, "ADC resolution in bits, 0 = ideal"),
-    "scale_bits": (1, 64, "bits to store one tile scale"),
-}
+class _IntRange:
+    """Check of an integer field: a whole number (NumPy integers too) in ``lo..hi``."""
 
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
 
-def check_field(name: str, v) -> str | None:
-    """An error text if ``v`` is not allowed for Crossbar field ``name``, else None."""
-    if name in INT_FIELDS:
-        lo, hi, _ = INT_FIELDS[name]
-        if not _whole(v) or not lo <= v <= hi:
-            return f"must be an integer in {lo}..{hi}"
+    def __call__(self, v) -> str | None:
+        if not _whole(v) or not self.lo <= v <= self.hi:
+            return f"must be an integer in {self.lo}..{self.hi}"
         return None
-    if name == "signed":
-        return None if v in SIGNED else f"must be one of {', '.join(SIGNED)}"
-    if name == "adc_range":
-        if v in RANGES:
-            return None
-        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
-                and math.isfinite(v) and v > 0:
-            return None
-        return "must be full, calibrated or a positive number (a column-sum value)"
-    if name == "name":
-        return None if isinstance(v, str) and v else "must be a non-empty string"
-    return "unknown crossbar field"
+
+
+def _signed(v) -> str | None:
+    return None if v in SIGNED else f"must be one of {', '.join(SIGNED)}"
+
+
+def _adc_range(v) -> str | None:
+    if v in RANGES:
+        return None
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+            and math.isfinite(v) and v > 0:
+        return None
+    return "must be full, calibrated or a positive number (a column-sum value)"
 
 
 @dataclass(frozen=True)
 class Crossbar:
-    """A validated crossbar array description (YAML section ``crossbar:``)."""
+    """A validated crossbar array description: the YAML section ``crossbar:``, whose keys,
+    defaults, checks and docs ``pimsim.config`` reads from these fields (``pimsim.schema``)."""
 
-    rows: int = 128                   # word lines = inputs per array
-    cols: int = 128                   # bit lines = output columns per array
-    cell_bits: int = 2                # bits stored per cell
-    signed: str = "differential"      # "differential" | "offset"
-    dac_bits: int = 1                 # input bits applied per cycle (bit-serial inputs)
-    adc_bits: int = 0                 # 0 = ideal ADC
-    adc_range: object = "full"        # "full" | "calibrated" | a positive number
-    scale_bits: int = 16              # bits to store one tile scale
-    name: str = "custom"
+    rows: int = setting(128, "word lines per array = inputs (count)", _IntRange(1, 4096))
+    cols: int = setting(128, "bit lines per array = output columns (count)", _IntRange(1, 4096))
+    cell_bits: int = setting(2, "bits stored per cell (1..8)", _IntRange(1, 8))
+    signed: str = setting("differential", "signed weights: differential (+/- column sets) | "
+                          "offset (w + 2^(b-1)-1 with reference columns)", _signed)
+    dac_bits: int = setting(1, "input bits applied per cycle (1..8), inputs are bit-serial",
+                            _IntRange(1, 8))
+    adc_bits: int = setting(0, "ADC resolution in bits (0 = ideal, 1..16)", _IntRange(0, 16))
+    adc_range: object = setting("full", "ADC range: full (largest possible column sum) | "
+                                "calibrated (per array, largest column sum on the calibration "
+                                "batch) | a number (column-sum units)", _adc_range)
+    scale_bits: int = setting(16, "bits to store one tile scale (1..64)", _IntRange(1, 64))
+    name: str = setting("custom", "preset name", non_empty_str)
 
     def __post_init__(self):
-        for f in ("rows", "cols", "cell_bits", "signed", "dac_bits", "adc_bits", "adc_range",
-                  "scale_bits", "name"):
-            problem = check_field(f, getattr(self, f))
+        for f in fields(self):
+            problem = f.metadata["check"](getattr(self, f.name))
             if problem:
-                raise ValueError(f"crossbar.{f}: {getattr(self, f)!r}: {problem}")
+                raise ValueError(f"crossbar.{f.name}: {getattr(self, f.name)!r}: {problem}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Crossbar":
@@ -141,3 +139,16 @@ class Crossbar:
     def full_range(self, rows_used: int) -> int:
         """Largest possible column sum with ``rows_used`` word lines driven."""
         return int(rows_used) * ((1 << self.cell_bits) - 1) * ((1 << self.dac_bits) - 1)
+
+
+_CHECKS = {f.name: f.metadata["check"] for f in fields(Crossbar)}
+
+# {field: (lo, hi, meaning)} of the integer fields, read off the Crossbar fields
+INT_FIELDS = {f.name: (c.lo, c.hi, f.metadata["doc"]) for f in fields(Crossbar)
+              if isinstance(c := f.metadata["check"], _IntRange)}
+
+
+def check_field(name: str, v) -> str | None:
+    """An error text if ``v`` is not allowed for Crossbar field ``name``, else None."""
+    check = _CHECKS.get(name)
+    return "unknown crossbar field" if check is None else check(v)

@@ -19,13 +19,14 @@ from .groups import PermGroup, Segment, describe_groups, find_groups, find_segme
 from .permute import (ChannelGather, Reorderer, check_order, column_index, independent_network,
                       random_independent_orders)
 from .score import LayerScorer, SegmentScorer, gram_error, permute_stats, ptqsl_weight_error
-from .search import (DEFAULTS, METHODS, calibrate_layers, check_search_params, evolve,
-                     evolve_segment)
+from .search import (DEFAULTS, METHODS, ReorderParams, calibrate_layers, check_search_params,
+                     evolve, evolve_segment)
 
 __all__ = [
     "PermGroup", "Segment", "describe_groups", "find_groups", "find_segments",
     "ChannelGather", "Reorderer", "check_order", "column_index", "independent_network",
     "random_independent_orders",
     "LayerScorer", "SegmentScorer", "gram_error", "permute_stats", "ptqsl_weight_error",
-    "DEFAULTS", "METHODS", "calibrate_layers", "check_search_params", "evolve", "evolve_segment",
+    "DEFAULTS", "METHODS", "ReorderParams", "calibrate_layers", "check_search_params", "evolve",
+    "evolve_segment",
 ]

@@ -11,6 +11,7 @@ and the search moves on. Seeded with ``numpy.random.default_rng(seed)``: same se
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,12 +21,31 @@ from ..calibrate import method_params, quantize_layer, record_float_outputs, res
 from ..methods import get_method
 from ..network import Network
 from ..quant import Granularity
+from ..schema import defaults_of, int_in, one_of, setting
 from .groups import find_segments
 from .permute import Reorderer
 from .score import LayerScorer, SegmentScorer
 
 METHODS = ("none", "random", "evolution")
-DEFAULTS = {"population": 20, "generations": 30, "swaps": 2, "seed": 0}
+
+
+@dataclass(frozen=True)
+class ReorderParams:
+    """Channel reordering: the YAML section ``reorder:`` (``pimsim.config`` reads its keys,
+    defaults, checks and docs from these fields) and the defaults of ``evolve``."""
+
+    method: str = setting("none", "channel reordering: none, random (one seeded random joint "
+                          "order) or evolution (evolutionary search per segment)",
+                          one_of(METHODS))
+    population: int = setting(20, "orders per generation of the search", int_in(2, 10000))
+    generations: int = setting(30, "generations per segment", int_in(0, 100000))
+    swaps: int = setting(2, "random channel transpositions per mutation", int_in(1, 10000))
+    seed: int = setting(0, "seed of the random orders and of the search", int_in(0))
+
+
+# the keyword defaults of ``evolve``
+DEFAULTS = {k: v for k, v in defaults_of(ReorderParams).items() if k != "method"}
+
 
 # --------------------------------------------------------------------------------------------
 # segment-wise calibration
@@ -135,7 +155,8 @@ def evolve_segment(scorer: SegmentScorer, sizes: dict, base: dict, population: i
 
 def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
            method: str = "ptqsl", params: dict | None = None, float_layers="auto",
-           population: int = 20, generations: int = 30, swaps: int = 2, seed: int = 0,
+           population: int = DEFAULTS["population"], generations: int = DEFAULTS["generations"],
+           swaps: int = DEFAULTS["swaps"], seed: int = DEFAULTS["seed"],
            progress: bool = True, reorderer: Reorderer | None = None,
            symmetric: bool = False) -> dict:
     """Evolutionary channel reordering per segment, in network order (module docstring).
