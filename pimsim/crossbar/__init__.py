@@ -2,8 +2,9 @@
 of a quantized layer and a network on arrays.
 
 - ``geometry``: ``Crossbar`` (a validated array description: rows, cols, cell / DAC / ADC bits,
-  signed-weight format) and its derived quantities; ``check_field`` / ``INT_FIELDS`` (read by
-  ``pimsim.config``).
+  signed-weight format) and its derived quantities; its fields are the YAML ``crossbar:``
+  section (``pimsim.config`` reads them through ``pimsim.schema``); ``check_field`` /
+  ``INT_FIELDS`` derived from them.
 - ``mapping``: ``LayerSpec`` -> ``map_layer`` -> ``LayerMapping``; ``Mapping`` of a network;
   the placement rules and ``adc_conversions``, the one count of ADC conversions.
 - ``arrays``: ``CrossbarGemm``, the layer as the arrays compute it (number representation,
