@@ -130,7 +130,13 @@ def findings(acc: dict, seeds) -> list[str]:
     all_seeds = seeds
     seeds = [s for s in all_seeds if all(s in v for v in m1.values())]   # seeds with every point
     out = []
-    if len(m1) >= 3 and seeds:
+    full = len(R_GRID) * len(C_GRID)
+    if m1 and len(m1) < full:
+        out.append(f"Method 1 grid incomplete ({len(m1)} of {full} points): its findings (Pearson "
+                   "correlation, fewer rows at equal r*c) are computed once the grid is complete.")
+    elif m1 and not seeds:
+        out.append("Method 1 grid: no seed has every point yet; findings wait for one.")
+    if len(m1) == full and seeds:
         size = np.log2([r * c for r, c in m1])
         rs = [float(np.corrcoef(size, [m1[p][s] for p in m1])[0, 1]) for s in seeds]
         out.append(f"Method 1: Pearson correlation of top-1 with log2(r*c): **{pm(rs, 1)}** "
@@ -149,9 +155,16 @@ def findings(acc: dict, seeds) -> list[str]:
     diag = [(r, acc.get(("method2", _s(r), "", _s(r)))) for r in R_GRID if r > 1]
     seeds = [s for s in all_seeds if cw and s in cw and all(v and s in v for _, v in diag)]
     if seeds:
-        cells = [f"r = {r}: {pm([v[s] - cw[s] for s in seeds])}" for r, v in diag]
-        out.append("Method 2 with m = r (the channelwise number of scales) minus channelwise, "
-                   "points, mean ± sd over seeds: " + "; ".join(cells) + ".")
+        cells = []
+        for r, v in diag:
+            d = [v[s] - cw[s] for s in seeds]
+            m, sd = mean_sd(d)
+            word = ("" if len(d) < 2 else " (within the spread)" if abs(m) <= sd
+                    else " (above, beyond the spread)" if m > 0 else " (below, beyond the spread)")
+            cells.append(f"r = {r}: {pm(d, signed=True)}{word}")
+        out.append(f"Method 2 with m = r (the channelwise number of scales) minus channelwise, "
+                   f"points, mean ± sd over seeds {', '.join(map(str, seeds))}: "
+                   + "; ".join(cells) + ".")
     return out + [""] if out else []
 
 
@@ -191,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grids", nargs="+", default=["extremes", "method1", "method2"],
                     choices=["extremes", "method1", "method2", "diagonal"],
                     help="point sets; diagonal: the Method 2 points with m = r only")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing: write the markdown and heatmaps from the CSV as it is")
     common_args(ap, seeds=(0, 1, 2))
     args = ap.parse_args(argv)
 
@@ -200,8 +215,8 @@ def main(argv=None) -> int:
     if args.limit:
         stem += f"-limit{args.limit}"
     res = bench.results(f"{stem}.csv", FIELDS)
-    todo = [(s, p) for s in args.seeds for p in grid_points(args.grids)
-            if point_name(s, *p) not in res]
+    todo = [] if args.report_only else [(s, p) for s in args.seeds for p in grid_points(args.grids)
+                                        if point_name(s, *p) not in res]
     log(f"{len(res.file.done)} points done, {len(todo)} to compute -> {res.path}")
     for seed, (method, r, c, m) in tqdm(todo, desc=stem, unit="point"):
         got = bench.point(prep, granularity(method, r, c, m), args.wbits, args.abits,

@@ -137,16 +137,14 @@ def markdown(rows: list[dict], model: str, rdef: dict) -> list[str]:
         for g in ("m2r2", "m2r4", "m2r8", "m1"):
             gs = gains(wb, g)
             if gs:
-                m, sd = mean_sd([100 * v for v in gs])
-                md.append(f"W{wb}A8 {g}: evolution minus identity order {m:+.2f} ± {sd:.2f} points "
-                          f"over {len(gs)} seed(s): {verdict(gs)}.")
+                md.append(f"W{wb}A8 {g}: evolution minus identity order {pm(gs, signed=True)} "
+                          f"points over {len(gs)} seed(s): {verdict(gs)}.")
             evo = acc.get((wb, g, "evolution"), {})
             both = sorted(set(evo) & set(cw))
             if g != "m1" and both:
                 d = [evo[s] - cw[s] for s in both]
-                m, sd = mean_sd([100 * v for v in d])
                 md.append(f"W{wb}A8 {g} with evolution minus channelwise (same number of scales) "
-                          f"{m:+.2f} ± {sd:.2f} points over {len(both)} seed(s): {verdict(d)}.")
+                          f"{pm(d, signed=True)} points over {len(both)} seed(s): {verdict(d)}.")
     return md
 
 
@@ -161,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--generations", type=int, default=None,
                     help="default: reorder.generations (reorder.json is written only with the "
                          "defaults)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing: write the markdown from the CSV as it is")
     common_args(ap, seeds=(0,))
     args = ap.parse_args(argv)
 
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
     suffix = f"-limit{args.limit}" if args.limit else ""
     res = bench.results(f"reorder-{args.model}{suffix}.csv", FIELDS)
     orders_path = out / f"reorder-orders-{args.model}{suffix}.json"
-    todo = [p for p in points(args.seeds, args.wbits, args.grans, args.orders)
-            if point_name(*p) not in res]
+    todo = [] if args.report_only else [p for p in points(args.seeds, args.wbits, args.grans,
+                                                          args.orders) if point_name(*p) not in res]
     log(f"{len(res.file.done)} points done, {len(todo)} to compute -> {res.path}")
     net = prep.net
     ro = Reorderer(net)

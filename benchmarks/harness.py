@@ -185,15 +185,17 @@ def mean_sd(values) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def pm(values, scale: float = 100.0, digits: int = 2) -> str:
-    """``mean ± sd`` of ``values`` (times ``scale``), or the one value; ``-`` for none."""
+def pm(values, scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± sd`` of ``values`` (times ``scale``), or the one value; ``-`` for none.
+    ``signed``: a difference, written with its sign (``+0.17 ± 0.11``)."""
     vals = [scale * float(v) for v in values]
     if not vals:
         return "-"
+    sign = "+" if signed else ""
     if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
+        return f"{vals[0]:{sign}.{digits}f}"
     m, s = mean_sd(vals)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:{sign}.{digits}f} ± {s:.{digits}f}"
 
 
 def log(msg: str) -> None:
