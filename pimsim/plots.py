@@ -74,7 +74,34 @@ def read_rows(path) -> list[dict]:
         if v is not None and (not isinstance(v, (int, float)) or not 0 <= v <= 1):
             raise ResultsError(f"{p}: line {i}: top1 must be a fraction in 0..1 or empty, "
                                f"got {v!r}")
-    return rows
+    return mean_over_seeds(rows)
+
+
+# Columns that differ between runs of the same point (one row per calibration seed).
+PER_RUN = ("point", "seed", "top1", "fp_top1", "calibration_s", "eval_s", "commit", "threads",
+           "date", "command")
+
+
+def mean_over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per point: rows that differ only in their per-run columns (``PER_RUN``: the
+    seed, accuracies, timings, provenance) are merged into their first, with ``top1`` (and
+    ``fp_top1``) the mean over them, ``top1_sd`` their sample sd and ``seeds`` their count."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = tuple(sorted((k, str(v)) for k, v in r.items() if k not in PER_RUN))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for rs in groups.values():
+        row = dict(rs[0])
+        for col in ("top1", "fp_top1"):
+            vals = [r[col] for r in rs if isinstance(r.get(col), (int, float))]
+            if vals:
+                row[col] = float(np.mean(vals))
+                if col == "top1":
+                    row["top1_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        row["seeds"] = len(rs)
+        out.append(row)
+    return out
 
 
 def granularity_of(row: dict) -> Granularity:

@@ -105,3 +105,20 @@ def test_sweep_csv_heatmaps_per_setting_and_one_scatter(tmp_path):
                      "s-resnet20-W4A8-max-b-heatmap-method2.png",
                      "s-resnet20-W4A8-max-pareto-energy.png",
                      "s-resnet20-W4A8-max-pareto-scale.png"]
+
+
+def test_read_rows_averages_the_seeds_of_a_point(tmp_path):
+    p = tmp_path / "g.csv"
+    head = "point,model,wbits,abits,calibration,method,r,c,m,seed,scales,top1,commit,date\n"
+    p.write_text(head
+                 + "a,resnet20,4,8,ptqsl,channelwise,,,,0,672,0.80,x,d\n"
+                 + "b,resnet20,4,8,ptqsl,channelwise,,,,1,672,0.90,y,e\n"
+                 + "c,resnet20,4,8,ptqsl,method1,16,36,,0,464,0.70,x,d\n"
+                 + "d,resnet20,3,8,ptqsl,channelwise,,,,0,672,0.60,x,d\n")
+    rows = read_rows(p)
+    assert len(rows) == 3                      # the two W4 channelwise seeds are one point
+    (cw,) = [r for r in rows if r["method"] == "channelwise" and r["wbits"] == 4]
+    assert cw["seeds"] == 2 and abs(cw["top1"] - 0.85) < 1e-12
+    assert abs(cw["top1_sd"] - 0.0707106781) < 1e-9      # sample sd of 0.80, 0.90
+    (w3,) = [r for r in rows if r["wbits"] == 3]
+    assert w3["seeds"] == 1 and w3["top1"] == 0.60 and w3["top1_sd"] == 0.0
