@@ -144,9 +144,10 @@ def _cmd_cost(args) -> int:
           + ("" if res["strict"] else " (default crossbar: oversized tiles split over arrays)"))
     print(format_table(res))
     if args.out:
+        from .provenance import provenance
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(to_json(res))
+        out.write_text(to_json({**res, "provenance": provenance(seeds=[], threads=1)}))
         print(f"wrote {out}")
     return 0
 
