@@ -31,7 +31,7 @@ _SRC = Path(__file__).resolve().parent
 
 def git_commit(where: Path = _SRC) -> str:
     """``git rev-parse HEAD`` of the checkout holding ``where``, with ``+dirty`` when tracked
-    files other than ``benchmarks/results/`` differ from it; ``unknown (not a git checkout)`` for an installed copy."""
+    code files (not ``benchmarks/results/``, markdown or notebooks) differ from it; ``unknown (not a git checkout)`` for an installed copy."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=where, capture_output=True, text=True, timeout=20)
     try:
@@ -39,9 +39,11 @@ def git_commit(where: Path = _SRC) -> str:
         if head.returncode != 0:
             return "unknown (not a git checkout)"
         top = git("rev-parse", "--show-toplevel").stdout.strip() or str(where)
-        # results files are outputs, not code: a benchmark rewriting them leaves the code clean
+        # results files are outputs and markdown / notebooks are prose, not code: editing them
+        # leaves the code that produces a result clean
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=top, capture_output=True,
+                                ":(exclude)benchmarks/results", ":(exclude)*.md",
+                                ":(exclude)*.ipynb"], cwd=top, capture_output=True,
                                text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (git not available)"

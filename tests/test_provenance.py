@@ -70,7 +70,12 @@ def test_git_commit_is_the_checkout_head_and_sees_dirty_code(tmp_path):
     git("commit", "-qm", "init")
     head = git("rev-parse", "HEAD")
     assert pv.git_commit(repo / "pkg") == head
+    (repo / "README.md").write_text("x\n")
+    git("add", "README.md")
+    git("commit", "-qm", "readme")
+    head = git("rev-parse", "HEAD")
     (repo / "benchmarks" / "results" / "r.csv").write_text("a\n1\n")   # an output changed
+    (repo / "README.md").write_text("y\n")                              # prose changed
     assert pv.git_commit(repo / "pkg") == head
     (repo / "pkg" / "code.py").write_text("x = 2\n")                    # the code changed
     assert pv.git_commit(repo / "pkg") == head + "+dirty"
