@@ -19,6 +19,12 @@ import torch
 
 from pimsim import data, models
 
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = ROOT / "hwconfigs" / "default.yaml"
+# a quick run on the fake data: max calibration on 16 images, fake-quant path, one thread
+QUICK = ["--backend", "fake", "--set", "quant.calibration=max", "--set", "quant.calib_images=16",
+         "--set", "eval.threads=1", "-q"]
+
 LABEL_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
                b"ship", b"truck"]
 

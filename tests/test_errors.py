@@ -7,20 +7,15 @@ import json
 import math
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
-from fakedata import make_fetch_layout, save_checkpoint
+from fakedata import DEFAULT_YAML, QUICK, make_fetch_layout, save_checkpoint
 from pimsim import data, simulate
 from pimsim.cli import main
 from pimsim.testing import restored_threads
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = ROOT / "hwconfigs" / "default.yaml"
-QUICK = ["--backend", "fake", "--set", "quant.calibration=max", "--set", "quant.calib_images=16",
-         "--set", "eval.threads=1", "-q"]
 
 
 @pytest.fixture(autouse=True)

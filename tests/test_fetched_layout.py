@@ -8,21 +8,16 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fakedata import float_top1, make_fetch_layout
+from fakedata import DEFAULT_YAML, QUICK, float_top1, make_fetch_layout
 from pimsim import data, models
 from pimsim.cli import main
 from pimsim.config import ConfigError, load, resolve_checkpoint
 from pimsim.testing import restored_threads
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = ROOT / "hwconfigs" / "default.yaml"
-QUICK = ["--backend", "fake", "--set", "quant.calibration=max", "--set", "quant.calib_images=16",
-         "--set", "eval.threads=1", "-q"]
 
 
 @pytest.fixture(autouse=True)

@@ -15,16 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from fakedata import Payload, float_top1, make_fetch_layout, save_checkpoint, write_batch
+from fakedata import (DEFAULT_YAML, QUICK, Payload, float_top1, make_fetch_layout, save_checkpoint,
+                      write_batch)
 from pimsim import data, models
 from pimsim.cli import main
 from pimsim.testing import restored_threads
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = ROOT / "hwconfigs" / "default.yaml"
-# a quick run on the fake data: max calibration on 16 images, fake-quant path, one thread
-QUICK = ["--backend", "fake", "--set", "quant.calibration=max", "--set", "quant.calib_images=16",
-         "--set", "eval.threads=1", "-q"]
 
 
 @pytest.fixture(autouse=True)
