@@ -39,6 +39,13 @@ class Backend:
         """The layer's output for input ``x`` (the layer's float input)."""
         raise NotImplementedError
 
+    def quant_of(self, layer):
+        """The layer's ``LayerQuant``; ValueError naming the layer and this mode if it has none."""
+        if layer.quant is None:
+            raise ValueError(f"layer {layer.name}: mode {self.name} needs a quantization "
+                             "(set_quant)")
+        return layer.quant
+
 
 class IntegerBackend(Backend):
     """A backend computing the tiled integer product: ``forward`` quantizes the input with the

@@ -14,9 +14,7 @@ class FakeBackend(Backend):
     name = "fake"
 
     def __init__(self, layer):
-        q = layer.quant
-        if q is None:
-            raise ValueError(f"layer {layer.name}: mode fake needs a quantization (set_quant)")
+        q = self.quant_of(layer)
         wdeq = layer.wq.astype(np.float32) * q.grid.expand(q.w_scales).astype(np.float32)
         self.weight = torch.from_numpy(wdeq).reshape(layer.weight.shape)
 

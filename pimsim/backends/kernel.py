@@ -12,9 +12,7 @@ class KernelBackend(IntegerBackend):
     name = "kernel"
 
     def __init__(self, layer):
-        q = layer.quant
-        if q is None:
-            raise ValueError(f"layer {layer.name}: mode kernel needs a quantization (set_quant)")
+        q = self.quant_of(layer)
         self.op = TiledGemm(layer.wq, q.grid, q.w_scales, w_bits=q.w_bits, a_bits=q.a_bits,
                             clamp=q.clamp)
 
