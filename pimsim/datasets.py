@@ -410,9 +410,10 @@ def _layout(path: Path, shape, dtype) -> tuple[str, tuple[int, int, int]]:
 
 def _load_npz(path: Path) -> dict:
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: a single array, not an .npz with x and y")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: a single array, not an .npz with x and y")
+        with f:
             return {k: f[k] for k in f.files if k in ("x", "y")}
     except DataError:
         raise
