@@ -418,3 +418,28 @@ def test_cli_one_line_errors(tmp_path, capsys):
     assert main(["cost", str(yaml_file)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "data.path: none.npz: file not found" in lines[0], lines
+
+
+def test_reorder_traces_with_the_data_shape(tmp_path, monkeypatch):
+    """reorder.method random on an image folder: the permutation groups are found with an
+    input of the data's shape (1 x 3 x 12 x 12), not CIFAR's 32 x 32."""
+    import pimsim.reorder as reorder
+    root = make_imagefolder(tmp_path / "imgs", per_class=1)
+    torch.manual_seed(1)
+    ckpt = tmp_path / "r20c3.pt"
+    torch.save(build_model("resnet20", num_classes=3).state_dict(), ckpt)
+    seen = []
+    real = reorder.find_groups
+
+    def spy(net, example=None):
+        seen.append(None if example is None else tuple(example.shape))
+        return real(net, example)
+    monkeypatch.setattr(reorder, "find_groups", spy)
+    cfg = validate({"model": {"checkpoint": str(ckpt)}, "reorder": {"method": "random"},
+                    "data": {"dataset": "imagefolder", "root": str(root), "image_size": 12,
+                             "resize": 14},
+                    "quant": {"calibration": "max", "calib_images": 2},
+                    "eval": {"backend": "fake", "threads": 1}})
+    res = simulate.run(cfg, progress=False)
+    assert seen == [(1, 3, 12, 12)]
+    assert res["reorder"]["method"] == "random" and res["images"] == 3
