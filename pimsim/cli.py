@@ -85,6 +85,10 @@ def _cmd_run(args) -> int:
           f"tile {cfg.granularity}  calibration {q['calibration']}  "
           f"backend {res['config']['eval']['backend']}")
     print(f"checkpoint {res['checkpoint']}")
+    d = res["dataset"]
+    print(f"data {d['dataset']}: test {d['test']} ({d['test_size']} images, {d['num_classes']} "
+          f"classes, input {'x'.join(map(str, d['input_shape']))}); calibration from "
+          f"{d['calibration']}")
     print(f"{'layer':<20}{'O':>6}{'K':>6}{'tile':>12}{'scales':>8}")
     for l in res["layers"]:
         print(f"{l['name']:<20}{l['O']:>6}{l['K']:>6}{'%dx%d' % tuple(l['tile']):>12}{l['scales']:>8}")
@@ -189,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="calibrate and evaluate a network on a crossbar config",
                        description="Calibrate the configured network on the calibration images, "
-                                   "then evaluate float and quantized top-1 on CIFAR-10 test.")
+                                   "then evaluate float and quantized top-1 on the test images "
+                                   "of data.dataset (CIFAR-10 by default).")
     r.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key by dotted path, value read as YAML "
@@ -197,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="evaluate only the first N test images")
     r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
-    r.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
+    r.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ or "
+                        "cifar-100-python/ (overrides data.dir)")
     r.add_argument("--backend", choices=("kernel", "fake", "crossbar"), default=None,
                    help="override eval.backend")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -234,15 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local worker processes (default: all cores)")
     sw.add_argument("--out", default=None, metavar="FILE.csv",
                     help="results CSV (default: the sweep's out: key, else SWEEP.csv)")
-    sw.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
+    sw.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ or "
+                        "cifar-100-python/ (overrides data.dir)")
     sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(fn=_cmd_sweep)
 
-    f = sub.add_parser("fetch", help="download CIFAR-10 and the published checkpoints "
-                                     "(needs internet)")
+    f = sub.add_parser("fetch", help="download CIFAR-10 (CIFAR-100 with --what cifar100) and "
+                                     "the published checkpoints (needs internet)")
     f.add_argument("--dest", default=str(Path.home() / ".cache" / "pimsim"),
                    help="where to put them (default ~/.cache/pimsim)")
-    f.add_argument("--what", nargs="+", choices=("cifar10", "models"), default=None)
+    f.add_argument("--what", nargs="+", choices=("cifar10", "cifar100", "models"), default=None,
+                   help="what to download (default: cifar10 models)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     f.set_defaults(fn=_cmd_fetch)
     return p

@@ -29,6 +29,7 @@ from .reorder.search import ReorderParams
 from .schema import Key, int_in, keys_of, non_empty_str, one_of, optional, setting
 
 BACKENDS = ("kernel", "fake", "crossbar")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "npz")
 
 
 class ConfigError(ValueError):
@@ -117,18 +118,51 @@ class QuantSection:
                            "init, rounds of Algorithm 1, mode gram|direct, act_search "
                            "golden|grid", check=_search,
                            factory=lambda: {k: SEARCH_DEFAULTS[k] for k in _SEARCH_YAML})
-    calib_images: int = setting(128, "calibration images from data_batch_1", int_in(1, 10000))
+    calib_images: int = setting(128, "calibration images drawn from the training split "
+                                "(CIFAR-10: data_batch_1)", int_in(1, 10000))
     seed: int = setting(0, "seed of the calibration image draw", int_in(0))
     float_layers: object = setting("auto", "layers kept in float: auto (first and last) or a "
                                    "list of names", _float_layers)
 
 
+def _numbers(positive: bool):
+    """A non-empty list of finite numbers (all > 0 with ``positive``)."""
+    def check(v):
+        what = "positive numbers" if positive else "numbers"
+        if not isinstance(v, list) or not v or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or x != x
+                or x in (float("inf"), float("-inf")) for x in v):
+            return f"must be a list of {what}, one per image channel (e.g. [0.5, 0.5, 0.5])"
+        if positive and any(x <= 0 for x in v):
+            return "must be a list of positive numbers (a std <= 0 cannot normalize)"
+        return None
+    return check
+
+
 @dataclass(frozen=True)
 class DataSection:
-    """``data:`` -- where CIFAR-10 (and the checkpoints) are."""
+    """``data:`` -- which dataset, where it is (and where the checkpoints are)."""
 
-    dir: str | None = setting(None, "data folder with cifar-10-batches-py/ (and models/)",
-                              optional(non_empty_str))
+    dataset: str = setting("cifar10", "cifar10, cifar100 (python format), imagefolder "
+                           "(data.root/train|val/<class>/*) or npz (data.path)",
+                           one_of(DATASETS))
+    dir: str | None = setting(None, "data folder with cifar-10-batches-py/ or cifar-100-python/ "
+                              "(and models/)", optional(non_empty_str))
+    root: str | None = setting(None, "imagefolder: folder holding train/<class>/* and "
+                               "val/<class>/*", optional(non_empty_str))
+    path: str | None = setting(None, "npz: .npz file with x and y (the evaluation images)",
+                               optional(non_empty_str))
+    calib_path: str | None = setting(None, "npz: .npz file with x for the calibration draw "
+                                     "(null = draw from data.path)", optional(non_empty_str))
+    image_size: int = setting(224, "imagefolder: center-crop size (pixels)", int_in(1, 4096))
+    resize: int = setting(256, "imagefolder: short side after resizing, before the crop",
+                          int_in(1, 8192))
+    mean: list | None = setting(None, "per-channel mean subtracted from x / 255 (null = the "
+                                "dataset's usual values)", optional(_numbers(False)))
+    std: list | None = setting(None, "per-channel std dividing it (null = the dataset's usual "
+                               "values)", optional(_numbers(True)))
+    num_classes: int | None = setting(None, "npz: number of classes (null = 1 + the largest "
+                                      "label)", optional(int_in(1)))
 
 
 @dataclass(frozen=True)
@@ -282,6 +316,7 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
         raise _err(origin.get("quant.splits", source), "quant.splits", splits,
                    "only with quant.tile: [r, null]")
     _check_method_params(data, origin, source)
+    _check_data(data, origin, source)
     _check_crossbar(data, given, origin, source)
     return Config(data, source)
 
@@ -299,6 +334,30 @@ def _check_method_params(data: dict, origin: dict, source: str) -> None:
     except ValueError as e:
         raise _err(origin.get("quant.calibration", source), "quant.calibration", method.name,
                    f"its options (quant.search, quant.metric): {e}") from None
+
+
+def _check_data(data: dict, origin: dict, source: str) -> None:
+    """The data keys each dataset needs or allows, and the sizes that must agree."""
+    d = data["data"]
+    ds = d["dataset"]
+    where = lambda key: origin.get(f"data.{key}", source)  # noqa: E731
+    need = {"imagefolder": "root", "npz": "path"}
+    for name, key in need.items():
+        if ds == name and d[key] is None:
+            raise _err(where("dataset"), "data.dataset", ds, f"needs data.{key}")
+        if ds != name and d[key] is not None:
+            raise _err(where(key), f"data.{key}", d[key], f"only with data.dataset: {name}")
+    for key in ("calib_path", "num_classes"):
+        if ds != "npz" and d[key] is not None:
+            raise _err(where(key), f"data.{key}", d[key], "only with data.dataset: npz")
+    if ds == "imagefolder" and d["image_size"] > d["resize"]:
+        raise _err(where("image_size"), "data.image_size", d["image_size"],
+                   f"must be <= data.resize ({d['resize']}): the crop is taken from the resized "
+                   f"image")
+    for key in ("mean", "std"):
+        if ds != "npz" and d[key] is not None and len(d[key]) != 3:
+            raise _err(where(key), f"data.{key}", d[key],
+                       f"must have 3 values, one per RGB channel of {ds}")
 
 
 def _check_crossbar(data: dict, given: set, origin: dict, source: str) -> None:

@@ -3,10 +3,12 @@ crossbar, per layer and in total, derived from the crossbar mapping (``pimsim.cr
 
 The cost of a run is computed from the traced network that was run and the ``Mapping``
 attached to it (``traced_cost``): the output pixels of every layer come from one forward pass
-of one zero image of the run's size (32 x 32 for CIFAR-10) with layer hooks, everything else
+of one zero image of the run's input shape (the data's: ``pimsim.datasets``; 3 x 32 x 32 for
+CIFAR) with layer hooks, everything else
 from the mapping. ``pimsim cost`` (``config_cost``) builds the same objects as ``pimsim run``
-without data — the config's traced network (``config_network``; random weights, only shapes
-matter) and its mapping (``config_mapping``: the grids the configured granularity gives the
+without reading the images — the input shape and class count from ``pimsim.datasets.
+input_spec`` (no file for CIFAR, the class folders for an image folder, the array header for
+.npz), the config's traced network (``config_network``; random weights, only shapes matter) and its mapping (``config_mapping``: the grids the configured granularity gives the
 layers calibration would quantize) — and calls the same code. ``network_cost`` costs bare
 ``LayerShape``s (no network) the same way.
 
@@ -131,7 +133,8 @@ class LayerShape:
     pixels: int
 
 
-# CIFAR-10, the images pimsim runs on: the input size of the pixel count without data
+# CIFAR's image size: the default of the functions below when no input shape is given (a run
+# and ``config_cost`` pass the data's, ``pimsim.datasets.input_spec``)
 IMAGE_HW = (32, 32)
 
 
@@ -309,10 +312,11 @@ def network_cost(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
 
 
 def traced_cost(net, mapping, params: CostParams | None = None, granularity=None,
-                image_hw=IMAGE_HW) -> dict:
+                image_hw=IMAGE_HW, channels: int = 3) -> dict:
     """The cost of ``net`` (a traced ``pimsim.network.Network``) placed by ``mapping`` (the
-    ``Mapping`` attached to it, or ``config_mapping``'s), for ``image_hw`` input images."""
-    pixels = {s.name: s.pixels for s in network_shapes(net, image_hw)}
+    ``Mapping`` attached to it, or ``config_mapping``'s), for ``channels`` x ``image_hw`` input
+    images."""
+    pixels = {s.name: s.pixels for s in network_shapes(net, image_hw, channels)}
     return mapping_cost(mapping, pixels, params, granularity)
 
 
@@ -324,13 +328,18 @@ def crossbar_of(cfg):
     return (xb, True) if xb is not None else (Crossbar(), False)
 
 
-def config_network(cfg, checkpoint=None):
-    """The traced ``Network`` of the config's model (``model.name``; the weights of
-    ``checkpoint``, else random: the cost needs only shapes). ``pimsim run`` builds its network
-    with it too (``pimsim.simulate.prepare``)."""
+def config_network(cfg, checkpoint=None, num_classes: int | None = None):
+    """The traced ``Network`` of the config's model (``model.name`` with ``num_classes``
+    outputs, default the data's, ``pimsim.datasets.input_spec``; the weights of ``checkpoint``,
+    else random: the cost needs only shapes). ``pimsim run`` builds its network with it too
+    (``pimsim.simulate.prepare``, passing its dataset's class count)."""
     from .models import build_model
     from .network import build_network
-    return build_network(build_model(cfg["model.name"], checkpoint=checkpoint))
+    if num_classes is None:
+        from .datasets import input_spec
+        num_classes = input_spec(cfg)[0]
+    return build_network(build_model(cfg["model.name"], checkpoint=checkpoint,
+                                     num_classes=num_classes))
 
 
 def config_mapping(cfg, net):
@@ -353,13 +362,21 @@ def config_mapping(cfg, net):
     return Mapping.from_layers(specs, xb, strict=strict, granularity=gran)
 
 
-def config_cost(cfg, net=None, mapping=None, image_hw=IMAGE_HW) -> dict:
+def config_cost(cfg, net=None, mapping=None, input_shape=None) -> dict:
     """The cost of a validated ``Config``: of ``net`` (default: ``config_network(cfg)``) placed
-    by ``mapping`` (default: ``config_mapping(cfg, net)``) — a run passes the network it ran and
-    the mapping attached to it — with the ``cost:`` constants."""
-    net = config_network(cfg) if net is None else net
+    by ``mapping`` (default: ``config_mapping(cfg, net)``) — a run passes the network it ran,
+    the mapping attached to it and its data's input shape — with the ``cost:`` constants, for
+    ``input_shape`` (C, H, W) images (default: the data's, ``pimsim.datasets.input_spec``,
+    read without the images)."""
+    if net is None or input_shape is None:
+        from .datasets import input_spec
+        num_classes, shape = input_spec(cfg)
+        input_shape = shape if input_shape is None else input_shape
+        net = config_network(cfg, num_classes=num_classes) if net is None else net
     mapping = config_mapping(cfg, net) if mapping is None else mapping
-    res = traced_cost(net, mapping, CostParams.from_config(cfg), cfg.granularity, image_hw)
+    c, h, w = input_shape
+    res = traced_cost(net, mapping, CostParams.from_config(cfg), cfg.granularity, (h, w), c)
+    res["input_shape"] = [int(c), int(h), int(w)]
     res["w_bits"], res["a_bits"] = cfg["quant.weight_bits"], cfg["quant.act_bits"]
     res["model"] = cfg["model.name"]
     res["strict"] = crossbar_of(cfg)[1]

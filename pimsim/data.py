@@ -1,4 +1,6 @@
-"""CIFAR-10 data: locate, load, normalize and sample the dataset, and download it (and checkpoints)."""
+"""CIFAR-10 / CIFAR-100 data: locate, load, normalize and sample the python-format batches, and
+download them (and checkpoints). The other datasets (image folders, .npz files) and the
+``Dataset`` object a run evaluates through are ``pimsim.datasets``."""
 
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from tqdm import tqdm
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+# CIFAR-100, python version (https://www.cs.toronto.edu/~kriz/cifar.html): train, test, meta
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 _CHECKPOINT_BASE = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 CHECKPOINT_URLS = {
     name: _CHECKPOINT_BASE + name
@@ -71,30 +77,36 @@ def candidate_data_dirs(explicit: str | os.PathLike | None = None) -> list[tuple
     return candidates
 
 
-def _how_to_get_data() -> str:
-    return "Get the data with `pimsim fetch --dest ~/.cache/pimsim`, or set PIMSIM_DATA to a folder holding it."
+def _how_to_get_data(what: str = "cifar10") -> str:
+    extra = "" if what == "cifar10" else f" --what {what}"
+    return (f"Get the data with `pimsim fetch{extra} --dest ~/.cache/pimsim`, or set PIMSIM_DATA "
+            f"to a folder holding it.")
 
 
-def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """Return the first candidate folder that contains ``cifar-10-batches-py/``.
+def find_data_dir(explicit: str | os.PathLike | None = None, folder: str = CIFAR_FOLDER) -> Path:
+    """Return the first candidate folder that contains ``folder`` (default
+    ``cifar-10-batches-py/``; ``cifar-100-python/`` for CIFAR-100).
 
-    An ``explicit`` folder without ``cifar-10-batches-py/`` is an error at once (no fall-through).
+    An ``explicit`` folder without ``folder/`` is an error at once (no fall-through).
     Raises DataNotFoundError listing every place looked at when nothing is found.
     """
     candidates = candidate_data_dirs(explicit)
+    what = "cifar100" if folder == CIFAR100_FOLDER else "cifar10"
     if explicit is not None:
         label, path = candidates[0]
-        if not (path / CIFAR_FOLDER).is_dir():
+        if not (path / folder).is_dir():
             raise DataNotFoundError(
-                f"{path} ({label}) does not contain {CIFAR_FOLDER}/; pass the folder that holds it. "
-                + _how_to_get_data()
+                f"{path} ({label}) does not contain {folder}/; pass the folder that holds it. "
+                + _how_to_get_data(what)
             )
         return path
     for _, path in candidates:
-        if (path / CIFAR_FOLDER).is_dir():
+        if (path / folder).is_dir():
             return path
     looked = "\n".join(f"  - {path} ({label})" for label, path in candidates)
-    raise DataNotFoundError(f"CIFAR-10 ({CIFAR_FOLDER}/) not found. Looked in:\n{looked}\n" + _how_to_get_data())
+    name = "CIFAR-100" if folder == CIFAR100_FOLDER else "CIFAR-10"
+    raise DataNotFoundError(f"{name} ({folder}/) not found. Looked in:\n{looked}\n"
+                            + _how_to_get_data(what))
 
 
 # --------------------------------------------------------------------------- loading
@@ -128,7 +140,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def _refetch_hint(path: Path) -> str:
-    return (f"delete it and re-fetch it (pimsim fetch --what cifar10 --dest {path.parent.parent}), "
+    what = "cifar100" if path.parent.name == CIFAR100_FOLDER else "cifar10"
+    return (f"delete it and re-fetch it (pimsim fetch --what {what} --dest {path.parent.parent}), "
             f"or copy it again from where it came from")
 
 
@@ -161,15 +174,19 @@ def _get(d: dict, key: str, path: Path):
                     + _refetch_hint(path))
 
 
-def load_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Load one CIFAR-10 batch file: images uint8 [N, 3, 32, 32] and labels int64 [N]."""
+def load_batch(path: str | os.PathLike, labels_key: str = "labels",
+               num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Load one CIFAR batch file: images uint8 [N, 3, 32, 32] and labels int64 [N].
+
+    CIFAR-10 (the defaults): labels under ``labels``, 0..9; CIFAR-100: ``labels_key=
+    "fine_labels"``, ``num_classes=100``."""
     path = Path(path)
     d = _unpickle(path)
     data = np.asarray(_get(d, "data", path))
     try:
-        labels = np.asarray(_get(d, "labels", path), dtype=np.int64)
+        labels = np.asarray(_get(d, labels_key, path), dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as e:
-        raise DataError(f"{path}: 'labels' must be a list of integers ({e}); "
+        raise DataError(f"{path}: {labels_key!r} must be a list of integers ({e}); "
                         + _refetch_hint(path)) from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: 'data' must be uint8 N x 3072, got {data.dtype} {data.shape}; "
@@ -177,8 +194,9 @@ def load_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if labels.ndim != 1 or labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {labels.size} labels for {data.shape[0]} images; "
                         + _refetch_hint(path))
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{path}: labels must be 0..9, found {labels.min()}..{labels.max()}; "
+    if labels.size and (labels.min() < 0 or labels.max() > num_classes - 1):
+        raise DataError(f"{path}: labels must be 0..{num_classes - 1}, found "
+                        f"{labels.min()}..{labels.max()}; "
                         + _refetch_hint(path))
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -194,19 +212,23 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=CACHE_BATCHES)
-def _load_frozen(path: Path, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_frozen(path: Path, mtime_ns: int, size: int, labels_key: str = "labels",
+                 num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """``load_batch(path)`` as read-only arrays; cached per (file, modification time, size), so
     a file written again (``pimsim fetch``) is read again."""
-    images, labels = load_batch(path)
+    images, labels = load_batch(path, labels_key, num_classes)
     return _frozen(images), _frozen(labels)
 
 
-def _cached_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _cached_batch(path: Path, labels_key: str = "labels",
+                  num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Load a batch file once while it is among the last ``CACHE_BATCHES`` files read and
     unchanged; later calls return the same read-only arrays."""
     key = path.resolve()
     st = key.stat()
-    return _load_frozen(key, st.st_mtime_ns, st.st_size)
+    if labels_key == "labels" and num_classes == 10:      # CIFAR-10: the cache key of before
+        return _load_frozen(key, st.st_mtime_ns, st.st_size)
+    return _load_frozen(key, st.st_mtime_ns, st.st_size, labels_key, num_classes)
 
 
 def load_cifar10(
@@ -248,15 +270,55 @@ def label_names(data_dir: str | os.PathLike | None = None) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """Convert uint8 images [N, 3, 32, 32] to normalized float32: ``(x / 255 - MEAN) / STD``."""
+def to_tensor(images: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:
+    """Convert uint8 images [N, C, H, W] to normalized float32: ``(x / 255 - mean) / std``
+    (default: the CIFAR-10 constants ``MEAN`` / ``STD``; one value per channel)."""
     x = torch.tensor(np.asarray(images), dtype=torch.float32) / 255
-    mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
+# CIFAR-100 training-set statistics (per channel, of x / 255), the values CIFAR-100 models are
+# usually trained with
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR100_SPLITS = {"test": "test", "train": "train"}
+
+
+def load_cifar100(split: str = "test", data_dir: str | os.PathLike | None = None,
+                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load a CIFAR-100 split (``cifar-100-python/test`` or ``train``, the fine labels) as
+    (images uint8 [N, 3, 32, 32], labels int64 [N] in 0..99); cached and read-only."""
+    if split not in CIFAR100_SPLITS:
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    path = find_data_dir(data_dir, CIFAR100_FOLDER) / CIFAR100_FOLDER / CIFAR100_SPLITS[split]
+    if not path.is_file():
+        raise DataNotFoundError(f"CIFAR-100 {split} file {path} not found; get it with pimsim "
+                                f"fetch --what cifar100 --dest {path.parent.parent}")
+    images, labels = _cached_batch(path, "fine_labels", 100)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def cifar100_label_names(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The hundred fine class names from ``cifar-100-python/meta``."""
+    path = find_data_dir(data_dir, CIFAR100_FOLDER) / CIFAR100_FOLDER / "meta"
+    names = _get(_unpickle(path), "fine_label_names", path)
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
 CALIBRATION_BATCH = "data_batch_1"
+
+
+def calibration_pool(data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The images calibration draws from: ``data_batch_1`` (cached, read-only arrays)."""
+    path = find_data_dir(data_dir) / CIFAR_FOLDER / CALIBRATION_BATCH
+    if not path.is_file():
+        raise DataNotFoundError(f"calibration batch {path} not found; get it with pimsim fetch "
+                                f"--what cifar10 --dest {path.parent.parent}")
+    return _cached_batch(path)
 
 
 def calibration_set(
@@ -270,10 +332,7 @@ def calibration_set(
     (five). Returns (images uint8 [n, 3, 32, 32], labels int64 [n]) in draw order.
     """
     path = find_data_dir(data_dir) / CIFAR_FOLDER / CALIBRATION_BATCH
-    if not path.is_file():
-        raise DataNotFoundError(f"calibration batch {path} not found; get it with pimsim fetch "
-                                f"--what cifar10 --dest {path.parent.parent}")
-    images, labels = _cached_batch(path)
+    images, labels = calibration_pool(data_dir)
     if not 0 < n <= len(images):
         raise DataError(f"{path}: holds {len(images)} images; the calibration set size "
                         f"(quant.calib_images) must be in 1..{len(images)}, got {n}")
@@ -338,13 +397,15 @@ def download(url: str, dest_file: str | os.PathLike, md5: str | None = None, pro
 
 
 def extract_cifar_archive(
-    tar_path: str | os.PathLike, dest_dir: str | os.PathLike, md5: str | None = None
+    tar_path: str | os.PathLike, dest_dir: str | os.PathLike, md5: str | None = None,
+    folder: str = CIFAR_FOLDER,
 ) -> Path:
-    """Extract the CIFAR-10 python archive into ``dest_dir`` and return ``dest_dir/cifar-10-batches-py``.
+    """Extract a CIFAR python archive into ``dest_dir`` and return ``dest_dir/folder``
+    (``cifar-10-batches-py``, or ``cifar-100-python`` for CIFAR-100).
 
     Checks ``md5`` first if given. Refuses (DataError, a ValueError) members with absolute paths or ``..``
     components and anything that is not a regular file or folder, and archives without a
-    ``cifar-10-batches-py/`` folder.
+    ``folder/`` folder.
     """
     tar_path, dest_dir = Path(tar_path), Path(dest_dir)
     if md5 is not None:
@@ -357,24 +418,29 @@ def extract_cifar_archive(
                 raise DataError(f"{tar_path}: refusing unsafe member path {m.name!r}")
             if not (m.isfile() or m.isdir()):
                 raise DataError(f"{tar_path}: refusing member {m.name!r} (not a regular file or folder)")
-        if not any(PurePosixPath(m.name).parts[:1] == (CIFAR_FOLDER,) for m in members):
-            raise DataError(f"{tar_path}: archive does not contain {CIFAR_FOLDER}/")
+        if not any(PurePosixPath(m.name).parts[:1] == (folder,) for m in members):
+            raise DataError(f"{tar_path}: archive does not contain {folder}/")
         dest_dir.mkdir(parents=True, exist_ok=True)
         tar.extractall(dest_dir, members=members, filter="data")
-    return dest_dir / CIFAR_FOLDER
+    return dest_dir / folder
+
+
+FETCH_ITEMS = ("cifar10", "cifar100", "models")
 
 
 def fetch(dest: str | os.PathLike, what=("cifar10", "models"), progress: bool = True) -> dict[str, Path]:
-    """Download CIFAR-10 into ``dest`` and the published checkpoints into ``dest/models``.
+    """Download CIFAR-10 (and, asked for, CIFAR-100) into ``dest`` and the published checkpoints
+    into ``dest/models``.
 
-    ``what`` selects ``"cifar10"`` and/or ``"models"``. Skips a CIFAR archive already present
-    with the right md5 (and the extraction if all batch files are there) and checkpoints
-    already present. Returns the folder of each item fetched.
+    ``what`` selects ``"cifar10"``, ``"cifar100"`` and/or ``"models"``. Skips a CIFAR archive
+    already present with the right md5 (and the extraction if all batch files are there) and
+    checkpoints already present. Returns the folder of each item fetched.
     """
     dest = Path(dest).expanduser()
-    unknown = set(what) - {"cifar10", "models"}
+    unknown = set(what) - set(FETCH_ITEMS)
     if unknown:
-        raise ValueError(f"unknown fetch item(s) {sorted(unknown)}; choose from 'cifar10', 'models'")
+        raise ValueError(f"unknown fetch item(s) {sorted(unknown)}; choose from "
+                         f"{', '.join(repr(w) for w in FETCH_ITEMS)}")
     fetched = {}
     if "cifar10" in what:
         folder = dest / CIFAR_FOLDER
@@ -385,6 +451,14 @@ def fetch(dest: str | os.PathLike, what=("cifar10", "models"), progress: bool = 
                 download(CIFAR10_URL, archive, md5=CIFAR10_MD5, progress=progress)
             extract_cifar_archive(archive, dest)
         fetched["cifar10"] = folder
+    if "cifar100" in what:
+        folder = dest / CIFAR100_FOLDER
+        if not all((folder / f).is_file() for f in ("meta", "train", "test")):
+            archive = dest / "cifar-100-python.tar.gz"
+            if not (archive.is_file() and md5sum(archive) == CIFAR100_MD5):
+                download(CIFAR100_URL, archive, md5=CIFAR100_MD5, progress=progress)
+            extract_cifar_archive(archive, dest, folder=CIFAR100_FOLDER)
+        fetched["cifar100"] = folder
     if "models" in what:
         models_dir = dest / "models"
         for name, url in CHECKPOINT_URLS.items():

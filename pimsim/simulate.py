@@ -1,8 +1,10 @@
 """Simulated inference of a real network on real data: the job behind ``pimsim run``.
 
-``prepare`` resolves data and checkpoint and builds the traced network (failing early on bad
-input); ``evaluate`` runs a network over test images in batches with a progress bar;
-``run`` ties config -> calibration -> float and quantized evaluation -> result dict.
+``prepare`` opens the dataset (``pimsim.datasets``), resolves the checkpoint and builds the
+traced network with the data's class count (failing early on bad input); ``evaluate_dataset``
+runs a network over a dataset's test images in batches with a progress bar (``evaluate``: over
+uint8 CIFAR arrays); ``run`` ties config -> calibration -> float and quantized evaluation ->
+result dict.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from .calibrate import calibrate
 from .config import Config, ConfigError, resolve_checkpoint
 from .cost import config_cost, config_mapping, config_network
 from .kernels import threads as scoped_threads
-from .data import CIFAR_FOLDER, calibration_set, find_data_dir, load_cifar10, to_tensor
+from .data import to_tensor
+from .datasets import Dataset, batch_count, open_dataset
 from .network import Network
 from .provenance import provenance
 
@@ -30,19 +33,30 @@ class Prepared:
     """Everything a run needs, resolved before any long work starts."""
 
     cfg: Config
-    data_dir: Path
+    data_dir: Path | None           # the data folder (CIFAR; else data.dir / --data-dir or None)
     checkpoint: Path
     net: Network
+    dataset: Dataset | None = None  # None: opened from cfg and data_dir when needed
+
+
+def dataset_of(prep: Prepared) -> Dataset:
+    """The run's ``Dataset`` (opened once)."""
+    if prep.dataset is None:
+        prep.dataset = open_dataset(prep.cfg, prep.data_dir)
+    return prep.dataset
 
 
 def prepare(cfg: Config, data_dir=None) -> Prepared:
-    """Find the data, resolve the checkpoint, build and trace the model, and check the layer
-    names of ``quant.float_layers`` against it (ConfigError before any evaluation)."""
-    ddir = find_data_dir(data_dir or cfg["data.dir"])
+    """Open the dataset, resolve the checkpoint (``<data dir>/models/``: the CIFAR data folder,
+    else ``data.dir`` / ``data_dir`` if given), build and trace the model with the dataset's
+    class count, and check the layer names of ``quant.float_layers`` against it (ConfigError
+    before any evaluation)."""
+    ds = open_dataset(cfg, data_dir)
+    ddir = ds.data_dir
     ckpt = resolve_checkpoint(cfg, ddir)
-    net = config_network(cfg, checkpoint=ckpt)
+    net = config_network(cfg, checkpoint=ckpt, num_classes=ds.num_classes)
     check_float_layers(cfg, net)
-    return Prepared(cfg, ddir, ckpt, net)
+    return Prepared(cfg, ddir, ckpt, net, ds)
 
 
 def check_float_layers(cfg: Config, net: Network) -> None:
@@ -71,6 +85,24 @@ def evaluate(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch
     return float((preds == labels).mean()), preds
 
 
+def evaluate_dataset(net: torch.nn.Module, dataset: Dataset, batch_size: int = 500,
+                     limit: int | None = None, progress: bool = True,
+                     desc: str = "eval") -> tuple[float, np.ndarray]:
+    """Top-1 accuracy (fraction) and predicted classes over the first ``limit`` (default all)
+    test images of ``dataset`` (``Dataset.test_batches``)."""
+    n = dataset.test_size if limit is None else min(limit, dataset.test_size)
+    preds = np.empty(n, dtype=np.int64)
+    labels = np.empty(n, dtype=np.int64)
+    s = 0
+    with torch.no_grad():
+        for x, y in tqdm(dataset.test_batches(batch_size, n), total=batch_count(n, batch_size),
+                         desc=desc, disable=not progress, leave=False, unit="batch"):
+            preds[s:s + len(y)] = net(x).argmax(1).numpy()
+            labels[s:s + len(y)] = y
+            s += len(y)
+    return float((preds == labels).mean()), preds
+
+
 def symmetric_range(cfg) -> bool:
     """True when the config has a ``crossbar:`` section: the arrays store integers in
     ``[-(2^(b-1)-1), 2^(b-1)-1]``, so calibration searches its scales for that range."""
@@ -83,11 +115,10 @@ def calibration_params(cfg) -> dict:
 
 
 def calibration_batch(prep: Prepared) -> torch.Tensor:
-    """The configured calibration images (``quant.calib_images`` of data_batch_1, seed
-    ``quant.seed``) as a normalized tensor."""
+    """The configured calibration images (``quant.calib_images`` of the training split, CIFAR-10:
+    of data_batch_1, drawn with seed ``quant.seed``) as a normalized tensor."""
     cfg = prep.cfg
-    return to_tensor(calibration_set(cfg["quant.calib_images"], cfg["quant.seed"],
-                                     prep.data_dir)[0])
+    return dataset_of(prep).calibration(cfg["quant.calib_images"], cfg["quant.seed"])
 
 
 def quantize_network(prep: Prepared, progress: bool = True,
@@ -107,13 +138,14 @@ def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
     ``random`` applies one seeded random joint order to every free permutation group;
     ``evolution`` runs the evolutionary search (``pimsim.reorder.evolve``), which calibrates
     segment by segment. Returns the ``"reorder"`` entry of the result (None for ``none``)."""
-    from .reorder import Reorderer, evolve
+    from .reorder import Reorderer, evolve, find_groups
     cfg = prep.cfg
     method = cfg["reorder.method"]
     if method == "none":
         return None
     t0 = time.perf_counter()
-    ro = Reorderer(prep.net)
+    example = torch.zeros(1, *dataset_of(prep).input_shape)
+    ro = Reorderer(prep.net, find_groups(prep.net, example))
     if method == "random":
         ro.set_orders(ro.random_orders(np.random.default_rng(cfg["reorder.seed"])))
         info = {"method": "random", "orders": ro.orders_json(), "seed": cfg["reorder.seed"]}
@@ -161,41 +193,43 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
 def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
     """The body of ``run``, with ``threads`` threads set."""
     prep = prepare(cfg, data_dir)
+    ds = dataset_of(prep)
     limit = limit or cfg["eval.limit"]
-    images, labels = load_cifar10("test", prep.data_dir)
-    calibration_set(cfg["quant.calib_images"], cfg["quant.seed"], prep.data_dir)  # fail early
+    test_size = ds.test_size
+    ds.check_calibration(cfg["quant.calib_images"])                     # fail early
     try:
         shape_mapping = config_mapping(cfg, prep.net)  # the cost model's mapping: fail early
     except ValueError as e:                        # a tile that does not fit the crossbar
         raise ConfigError(f"{cfg.source}: {e}") from None
     notes = list(cfg.notes)
-    if limit is not None and limit > len(images):
-        notes.append(f"limit {limit} is above the {len(images)} images of "
-                     f"{prep.data_dir / CIFAR_FOLDER / 'test_batch'}: capped, evaluating all "
-                     f"{len(images)}")
-    images, labels = images[:limit], labels[:limit]
+    if limit is not None and limit > test_size:
+        notes.append(f"limit {limit} is above the {test_size} images of "
+                     f"{ds.test_source}: capped, evaluating all {test_size}")
+    n_images = test_size if limit is None else min(limit, test_size)
     bs = cfg["eval.batch_size"]
     net = prep.net
     t0 = time.perf_counter()
-    fp_top1, _ = evaluate(net, images, labels, bs, progress, desc="float")
+    fp_top1, _ = evaluate_dataset(net, ds, bs, n_images, progress, desc="float")
     fp_s = time.perf_counter() - t0
     reorder = reorder_network(prep, progress)      # joint orders: weights permuted, no gather
     info = quantize_network(prep, progress)
     mapping = setup_crossbar(prep) if cfg.crossbar is not None else None
     net.set_mode(cfg["eval.backend"])
     t0 = time.perf_counter()
-    top1, _ = evaluate(net, images, labels, bs, progress, desc=f"quantized ({cfg['eval.backend']})")
+    top1, _ = evaluate_dataset(net, ds, bs, n_images, progress,
+                               desc=f"quantized ({cfg['eval.backend']})")
     eval_s = time.perf_counter() - t0
     resolved = cfg.to_dict()
     resolved["model"]["checkpoint"] = str(prep.checkpoint)
-    resolved["data"]["dir"] = str(prep.data_dir)
+    resolved["data"]["dir"] = None if prep.data_dir is None else str(prep.data_dir)
     resolved["eval"]["limit"] = limit
     out = {
         "fp_top1": fp_top1,
         "top1": top1,
-        "images": int(len(images)),
+        "images": int(n_images),
         "checkpoint": str(prep.checkpoint),
-        "limit_capped": limit is not None and limit > len(images),
+        "dataset": ds.describe(),
+        "limit_capped": limit is not None and limit > test_size,
         "notes": notes,
         "calibration_s": info["calibration_s"],
         "eval_s": eval_s,
@@ -208,7 +242,7 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
         "reorder": reorder,
         # pimsim.cost: per-inference totals of this network on the mapping it ran on
         "cost": config_cost(cfg, net, mapping if mapping is not None else shape_mapping,
-                            image_hw=tuple(images.shape[2:]))["totals"],
+                            input_shape=ds.input_shape)["totals"],
         "provenance": provenance(seeds=[cfg["quant.seed"]], threads=threads),
     }
     if mapping is not None:
