@@ -11,8 +11,8 @@ layers calibration would quantize) — and calls the same code. ``network_cost``
 ``LayerShape``s (no network) the same way.
 
 Per quantized layer (O x K weight matrix, tile grid of ``row_blocks x col_blocks`` tiles,
-``P`` output pixels per inference, 1 for a linear layer; the mapping gives ``segments`` =
-sum_j ceil(c_j / rows) array-row segments and ``arrays``; ``aps = arrays / segments`` arrays
+``P`` output pixels per inference, for a linear layer 1, or T on a B x T x F token input; the
+mapping gives ``segments`` = sum_j ceil(c_j / rows) array-row segments and ``arrays``; ``aps = arrays / segments`` arrays
 side by side along the bit lines of every segment; ``cyc = input_cycles(a_bits) *
 input_passes`` DAC cycles per input vector):
 
@@ -142,8 +142,7 @@ def network_shapes(net, image_hw=IMAGE_HW, channels: int = 3) -> list[LayerShape
     pixels = {}
 
     def hook(layer, x):
-        pixels[layer.name] = (1 if layer.kind == "linear"
-                              else math.prod(layer.out_hw(x.shape[2], x.shape[3])))
+        pixels[layer.name] = layer.positions(x)      # a token linear layer: T columns
         return layer.float_forward(x)
 
     net.run_with_hooks(torch.zeros(1, channels, *image_hw), {l.name: hook for l in net.layers})
