@@ -583,7 +583,8 @@ def build_network(model: nn.Module, input_shape=DEFAULT_INPUT_SHAPE,
     are listed in ``Network.digital_layers`` with their MACs on one example input of
     ``input_shape`` (one sample, e.g. ``(3, 32, 32)``); ``strict=True`` refuses them instead
     (UnsupportedModelError naming the first). A layer called more than once (weight sharing)
-    is refused."""
+    is refused. ``x.view(shape)`` runs as ``x.reshape(shape)`` (the same values; the integer
+    backends' channels-last outputs cannot always be viewed)."""
     gm = fold_batchnorm(model)
     modules = dict(gm.named_modules())
     original = dict(model.named_modules())          # gm holds stubs of modules used by get_attr
@@ -617,7 +618,7 @@ def build_network(model: nn.Module, input_shape=DEFAULT_INPUT_SHAPE,
                         and (bt is None or bt == f"{owner}.bias")
                         and (owner_mod.bias is None or attr_uses.get(f"{owner}.bias", 0) == 1))
             name = owner if by_owner else wt
-            if attr_uses.get(wt, 0) > 1 or name in called or wt in taken:
+            if attr_uses.get(wt, 0) > 1 or name in called or owner in called or wt in taken:
                 raise UnsupportedModelError(
                     f"layer {name!r}: its weight is used more than once (weight sharing is "
                     "not supported)")
@@ -633,6 +634,10 @@ def build_network(model: nn.Module, input_shape=DEFAULT_INPUT_SHAPE,
                 if a.op == "get_attr" and not a.users:
                     gm.graph.erase_node(a)
             continue
+        if (node.op == "call_method" and node.target == "view"
+                and not any(isinstance(a, torch.dtype) for a in node.args[1:])):
+            node.target = "reshape"     # integer backends give channels-last outputs: a view
+            continue                    # of them may need a copy, which reshape makes
         op = _digital_op(node, modules)
         if op is not None:
             if strict:

@@ -31,7 +31,7 @@ class Prepared:
 
     cfg: Config
     data_dir: Path
-    checkpoint: Path
+    checkpoint: Path | None     # None: a model.factory model with its own initial weights
     net: Network
 
 
@@ -55,7 +55,7 @@ def check_float_layers(cfg: Config, net: Network) -> None:
     unknown = [n for n in float_layers if n not in names]
     if unknown:
         raise ConfigError(f"{cfg.source}: quant.float_layers: unknown layer(s) "
-                          f"{', '.join(unknown)} for {cfg['model.name']}; its layers: "
+                          f"{', '.join(unknown)} for {cfg.model_label}; its layers: "
                           f"{', '.join(names)}")
 
 
@@ -147,7 +147,9 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
     (tensors only, finite), ``quant.float_layers``, the calibration batch and the cost model.
     A ``limit`` above the test-set size is capped: ``"limit_capped"`` is true and ``"notes"``
     says so (``config.eval.limit`` keeps the requested value, ``"images"`` the count used).
-    ``"checkpoint"`` is the file the weights came from.
+    ``"checkpoint"`` is the file the weights came from (null: a ``model.factory`` model's own
+    initial weights). ``"digital_layers"``: the matrix products that ran in torch instead of on
+    arrays (``Network.digital_layers``: name, op, MACs per inference), costed as digital work.
 
     The run uses ``eval.threads`` threads in torch and Numba and puts the caller's thread
     counts back when it returns (``pimsim.kernels.threads``); ``"threads"`` is the count used.
@@ -187,14 +189,17 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
     top1, _ = evaluate(net, images, labels, bs, progress, desc=f"quantized ({cfg['eval.backend']})")
     eval_s = time.perf_counter() - t0
     resolved = cfg.to_dict()
-    resolved["model"]["checkpoint"] = str(prep.checkpoint)
+    ckpt = None if prep.checkpoint is None else str(prep.checkpoint)
+    resolved["model"]["checkpoint"] = ckpt
     resolved["data"]["dir"] = str(prep.data_dir)
     resolved["eval"]["limit"] = limit
+    cost = config_cost(cfg, net, mapping if mapping is not None else shape_mapping,
+                       image_hw=tuple(images.shape[2:]))
     out = {
         "fp_top1": fp_top1,
         "top1": top1,
         "images": int(len(images)),
-        "checkpoint": str(prep.checkpoint),
+        "checkpoint": ckpt,
         "limit_capped": limit is not None and limit > len(images),
         "notes": notes,
         "calibration_s": info["calibration_s"],
@@ -206,9 +211,10 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
         "config": resolved,
         "layers": layer_table(net),
         "reorder": reorder,
+        # matrix products run in torch, not on arrays (counted by the cost as digital work)
+        "digital_layers": cost["digital_layers"],
         # pimsim.cost: per-inference totals of this network on the mapping it ran on
-        "cost": config_cost(cfg, net, mapping if mapping is not None else shape_mapping,
-                            image_hw=tuple(images.shape[2:]))["totals"],
+        "cost": cost["totals"],
         "provenance": provenance(seeds=[cfg["quant.seed"]], threads=threads),
     }
     if mapping is not None:
