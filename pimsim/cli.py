@@ -81,10 +81,12 @@ def _cmd_run(args) -> int:
     res = run(cfg, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)
     _print_notes(res["notes"], skip=cfg.notes)
     q = res["config"]["quant"]
-    print(f"model {res['config']['model']['name']}  W{q['weight_bits']}A{q['act_bits']}  "
+    print(f"model {cfg.model_label}  W{q['weight_bits']}A{q['act_bits']}  "
           f"tile {cfg.granularity}  calibration {q['calibration']}  "
           f"backend {res['config']['eval']['backend']}")
-    print(f"checkpoint {res['checkpoint']}")
+    print(f"checkpoint {res['checkpoint']}" if res["checkpoint"] is not None else
+          "checkpoint none: the model's own initial weights (model.factory, no "
+          "model.checkpoint)")
     d = res["dataset"]
     print(f"data {d['dataset']}: test {d['test']} ({d['test_size']} images, {d['num_classes']} "
           f"classes, input {'x'.join(map(str, d['input_shape']))}); calibration from "
@@ -93,6 +95,10 @@ def _cmd_run(args) -> int:
     for l in res["layers"]:
         print(f"{l['name']:<20}{l['O']:>6}{l['K']:>6}{'%dx%d' % tuple(l['tile']):>12}{l['scales']:>8}")
     print(f"float layers: {', '.join(res['float_layers']) or '-'}")
+    if res["digital_layers"]:
+        print("digital layers (run in torch, not on arrays; costed as digital work): "
+              + ", ".join(f"{d['name']} ({d['op']}, {d['macs']} MACs)"
+                          for d in res["digital_layers"]))
     if res.get("reorder"):
         ro = res["reorder"]
         print(f"reorder {ro['method']}: {len(ro['orders'])} free channel group(s) reordered "
@@ -264,13 +270,14 @@ def main(argv=None) -> int:
         return 0
     from .config import ConfigError
     from .data import DataError, DataNotFoundError, FetchError
-    from .models import CheckpointError
+    from .models import CheckpointError, ModelFactoryError
     from .network import UnsupportedModelError
     from .plots import ResultsError
     try:
         return args.fn(args)
     except (ConfigError, DataNotFoundError, DataError, FetchError, UnsupportedModelError,
-            CheckpointError, ResultsError, OutputError, FileNotFoundError) as e:
+            CheckpointError, ModelFactoryError, ResultsError, OutputError,
+            FileNotFoundError) as e:
         print(f"pimsim: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,7 +26,8 @@ from .ptqsl import check_params as check_search_params
 from .quant import Granularity, MAX_BITS, MIN_BITS
 from .reorder.search import METHODS as REORDER_METHODS
 from .reorder.search import ReorderParams
-from .schema import Key, int_in, keys_of, non_empty_str, one_of, optional, setting
+from .schema import (Key, boolean, int_in, keys_of, non_empty_str, one_of, optional,
+                     setting)
 
 BACKENDS = ("kernel", "fake", "crossbar")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "npz")
@@ -90,16 +91,47 @@ def _float_layers(v):
 _SEARCH_YAML = tuple(k for k in SEARCH_DEFAULTS if k not in ("metric", "symmetric"))
 
 
+def _factory(v):
+    """``FILE.py:FUNCTION`` or ``package.module:FUNCTION`` (pimsim.models.parse_factory)."""
+    from .models import ModelFactoryError, parse_factory
+    if not isinstance(v, str) or not v:
+        return "must be 'FILE.py:FUNCTION' or 'package.module:FUNCTION'"
+    try:
+        parse_factory(v)
+    except ModelFactoryError as e:
+        return str(e)
+    return None
+
+
+def _kwargs(v):
+    if not isinstance(v, dict):
+        return "must be a mapping of keyword arguments of the model.factory function"
+    bad = [k for k in v if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        return f"keys must be Python argument names, got {fmt_value(bad[0])}"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """``model:`` -- which network, which weights."""
 
-    name: str = setting("resnet20", "model of the zoo (pimsim.models.MODELS)", non_empty_str)
+    name: str = setting("resnet20", "model of the zoo (pimsim.models.MODELS); not with "
+                        "model.factory", non_empty_str)
+    factory: str | None = setting(
+        None, "your own model instead of a zoo one: 'FILE.py:FUNCTION' (a path relative to the "
+        "YAML file, or absolute) or 'package.module:FUNCTION', called with model.kwargs, "
+        "returning an nn.Module", optional(_factory))
+    kwargs: dict = setting(doc="keyword arguments of the model.factory function (only with "
+                           "model.factory)", check=_kwargs, factory=dict)
     checkpoint: str | None = setting(
-        None, "checkpoint file (.th / .pt read as tensors only, or .safetensors); relative paths "
-        "are looked up beside the YAML file, in the working directory, then in <data dir>/models/;"
-        " null = from <data dir>/models/ the fine-tuned default if present, else the published "
-        "one", optional(non_empty_str))
+        None, "checkpoint file (.th / .pt read as tensors only, or .safetensors; a state dict, "
+        "{state_dict: ...}, keys with or without module.); relative paths are looked up beside "
+        "the YAML file, in the working directory, then in <data dir>/models/; null = for a zoo "
+        "model from <data dir>/models/ the fine-tuned default if present, else the published "
+        "one; for a model.factory model its own initial weights", optional(non_empty_str))
+    strict: bool = setting(False, "true: refuse a model with matrix products that would run "
+                           "digitally instead of on arrays (the run's digital_layers)", boolean)
 
 
 @dataclass(frozen=True)
@@ -251,6 +283,38 @@ class Config:
     def to_dict(self) -> dict:
         return copy.deepcopy(self.data)
 
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths of the config are taken from: the YAML file's folder (the
+        working directory for a config not read from a file)."""
+        if self.source in ("<config>", "<defaults>") or not Path(self.source).is_file():
+            return Path.cwd()
+        return Path(self.source).resolve().parent
+
+    @property
+    def model_label(self) -> str:
+        """The model as results name it: ``model.name``, or the ``model.factory`` string."""
+        return self.data["model"]["name"] or self.data["model"]["factory"]
+
+    def build_model(self, checkpoint=None, num_classes: int | None = None):
+        """The configured model (eval mode): zoo model ``model.name`` (with ``num_classes``
+        outputs, default its own), or what
+        ``model.factory`` returns called with ``model.kwargs``; with the tensors of
+        ``checkpoint`` if given (a zoo model without one has random weights, a factory model
+        its own initial ones). Every failure of the factory is a ConfigError naming the file
+        and model.factory; a checkpoint that does not fit a factory model a CheckpointError
+        naming the file and model.checkpoint."""
+        from .models import CheckpointError, ModelFactoryError, build_from_factory, build_model
+        m = self.data["model"]
+        if m["factory"] is None:
+            return build_model(m["name"], checkpoint=checkpoint, num_classes=num_classes)
+        try:
+            return build_from_factory(m["factory"], m["kwargs"], self.base_dir, checkpoint)
+        except ModelFactoryError as e:
+            raise _err(self.source, "model.factory", m["factory"], str(e)) from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.source}: model.checkpoint: {e}") from None
+
 
 def _err(source, key, value, what) -> ConfigError:
     return ConfigError(f"{source}: {key}: {fmt_value(value)}: {what}")
@@ -304,10 +368,7 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
         origin[dotted] = where
         given.add(sec)
     # cross-field rules
-    from .models import MODELS
-    if data["model"]["name"] not in MODELS:
-        raise _err(origin.get("model.name", source), "model.name", data["model"]["name"],
-                   f"unknown model; allowed: {', '.join(MODELS)}")
+    _check_model(data, origin, source)
     tile, splits = data["quant"]["tile"], data["quant"]["splits"]
     if isinstance(tile, list) and tile[1] is None and splits is None:
         raise _err(origin.get("quant.tile", source), "quant.tile", tile,
@@ -319,6 +380,26 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
     _check_data(data, origin, source)
     _check_crossbar(data, given, origin, source)
     return Config(data, source)
+
+
+def _check_model(data: dict, origin: dict, source: str) -> None:
+    """Exactly one of model.name (a zoo model) / model.factory; model.kwargs only with a
+    factory. With a factory, model.name is null in the resolved config."""
+    from .models import MODELS
+    m = data["model"]
+    if m["factory"] is not None:
+        if "model.name" in origin:
+            raise _err(origin["model.name"], "model.name", m["name"],
+                       f"give model.name (a zoo model) or model.factory ({m['factory']}), "
+                       "not both")
+        m["name"] = None
+        return
+    if m["kwargs"]:
+        raise _err(origin.get("model.kwargs", source), "model.kwargs", m["kwargs"],
+                   "only with model.factory (the arguments of your model function)")
+    if m["name"] not in MODELS:
+        raise _err(origin.get("model.name", source), "model.name", m["name"],
+                   f"unknown model; allowed: {', '.join(MODELS)}")
 
 
 def _check_method_params(data: dict, origin: dict, source: str) -> None:
@@ -382,8 +463,9 @@ def _check_crossbar(data: dict, given: set, origin: dict, source: str) -> None:
             raise _err(origin.get("quant.tile", source), "quant.tile", tile, problem)
 
 
-def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path:
-    """The checkpoint file of ``cfg``, which must exist.
+def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path | None:
+    """The checkpoint file of ``cfg``, which must exist; None for a ``model.factory`` model
+    without ``model.checkpoint`` (it keeps its own initial weights).
 
     ``model.checkpoint: null``: the first of ``pimsim.models.default_checkpoint_names`` found
     in ``<data dir>/models/`` (the fine-tuned checkpoint beside the JPEG copy of CIFAR-10, else
@@ -393,6 +475,8 @@ def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path:
     from .data import CHECKPOINT_URLS
     from .models import default_checkpoint_names
     name, ckpt = cfg["model.name"], cfg["model.checkpoint"]
+    if ckpt is None and cfg["model.factory"] is not None:
+        return None                     # the factory model's own initial weights
     if ckpt is None:
         names = default_checkpoint_names(name)
         if not names:

@@ -13,8 +13,8 @@ layers calibration would quantize) — and calls the same code. ``network_cost``
 ``LayerShape``s (no network) the same way.
 
 Per quantized layer (O x K weight matrix, tile grid of ``row_blocks x col_blocks`` tiles,
-``P`` output pixels per inference, 1 for a linear layer; the mapping gives ``segments`` =
-sum_j ceil(c_j / rows) array-row segments and ``arrays``; ``aps = arrays / segments`` arrays
+``P`` output pixels per inference, for a linear layer 1, or T on a B x T x F token input; the
+mapping gives ``segments`` = sum_j ceil(c_j / rows) array-row segments and ``arrays``; ``aps = arrays / segments`` arrays
 side by side along the bit lines of every segment; ``cyc = input_cycles(a_bits) *
 input_passes`` DAC cycles per input vector):
 
@@ -57,6 +57,14 @@ latency  layers run one after another, all arrays of a layer in parallel, output
          digital work of a pixel is not overlapped with the next pixel's array cycles, a
          conservative model), or with overlap_digital: true a two-stage pipeline,
          latency_ns = a + d + (P - 1) * max(a, d)
+
+digital  matrix products that run in digital logic instead of on arrays (the network's
+         ``digital_layers``: activation x activation products such as attention's q k^T, and
+         modules pimsim cannot map) cost one multiply and one add per MAC:
+         energy = macs * (mult_pj + add_pj), latency = ceil(macs / digital_lanes) *
+         digital_op_ns; listed as ``digital_layers`` and summed in the totals
+         (``digital_layer_macs`` / ``_energy_nj`` / ``_latency_us``, included in energy_nj and
+         latency_us).
 
 Totals are sums over layers; ratios are recomputed from the summed figures. The per-operation
 constants are the YAML section ``cost:`` (``CostParams``; defaults and their sources there).
@@ -145,8 +153,7 @@ def network_shapes(net, image_hw=IMAGE_HW, channels: int = 3) -> list[LayerShape
     pixels = {}
 
     def hook(layer, x):
-        pixels[layer.name] = (1 if layer.kind == "linear"
-                              else math.prod(layer.out_hw(x.shape[2], x.shape[3])))
+        pixels[layer.name] = layer.positions(x)      # a token linear layer: T columns
         return layer.float_forward(x)
 
     net.run_with_hooks(torch.zeros(1, channels, *image_hw), {l.name: hook for l in net.layers})
@@ -311,13 +318,46 @@ def network_cost(shapes, gran: Granularity, w_bits: int, a_bits: int, crossbar,
     return res
 
 
+def digital_layer_cost(digital_layers, params: CostParams | None = None) -> list[dict]:
+    """The cost of the matrix products that run in digital logic instead of on arrays
+    (``Network.digital_layers``: name, op, macs per inference): one multiply and one add per
+    MAC, ``energy_nj = macs * (mult_pj + add_pj) / 1e3``, on the ``digital_lanes`` lanes,
+    ``latency_us = ceil(macs / digital_lanes) * digital_op_ns / 1e3``."""
+    params = params or CostParams()
+    return [{**d, "energy_nj": d["macs"] * (params.mult_pj + params.add_pj) / 1e3,
+             "latency_us": math.ceil(d["macs"] / params.digital_lanes) * params.digital_op_ns
+             / 1e3} for d in digital_layers]
+
+
+def add_digital_layers(res: dict, digital: list[dict]) -> dict:
+    """Put the ``digital_layer_cost`` entries ``digital`` into a cost result: ``"digital_layers"``
+    and, in the totals, ``digital_layer_macs`` / ``_energy_nj`` / ``_latency_us`` (also added
+    to ``energy_nj`` and ``latency_us``, and as ``digital_layers`` to the energy breakdown when
+    there are any: layers run one after another). Returns ``res``."""
+    t = res["totals"]
+    t["digital_layer_macs"] = sum(d["macs"] for d in digital)
+    t["digital_layer_energy_nj"] = sum(d["energy_nj"] for d in digital)
+    t["digital_layer_latency_us"] = sum(d["latency_us"] for d in digital)
+    if digital:
+        t["energy_nj"] += t["digital_layer_energy_nj"]
+        t["latency_us"] += t["digital_layer_latency_us"]
+        t["energy_breakdown_nj"]["digital_layers"] = t["digital_layer_energy_nj"]
+    res["digital_layers"] = digital
+    return res
+
+
 def traced_cost(net, mapping, params: CostParams | None = None, granularity=None,
                 image_hw=IMAGE_HW, channels: int = 3) -> dict:
     """The cost of ``net`` (a traced ``pimsim.network.Network``) placed by ``mapping`` (the
     ``Mapping`` attached to it, or ``config_mapping``'s), for ``channels`` x ``image_hw`` input
-    images."""
+    images, with its digital layers (``net.digital_layers``, measured again when the network's
+    example input had another size) counted as digital work (``add_digital_layers``)."""
     pixels = {s.name: s.pixels for s in network_shapes(net, image_hw, channels)}
-    return mapping_cost(mapping, pixels, params, granularity)
+    res = mapping_cost(mapping, pixels, params, granularity)
+    digital = net.digital_layers
+    if digital and tuple(net.input_shape) != (channels, *image_hw):
+        digital = net.count_digital((channels, *image_hw))
+    return add_digital_layers(res, digital_layer_cost(digital, params or CostParams()))
 
 
 def crossbar_of(cfg):
@@ -328,18 +368,21 @@ def crossbar_of(cfg):
     return (xb, True) if xb is not None else (Crossbar(), False)
 
 
-def config_network(cfg, checkpoint=None, num_classes: int | None = None):
-    """The traced ``Network`` of the config's model (``model.name`` with ``num_classes``
-    outputs, default the data's, ``pimsim.datasets.input_spec``; the weights of ``checkpoint``,
-    else random: the cost needs only shapes). ``pimsim run`` builds its network with it too
-    (``pimsim.simulate.prepare``, passing its dataset's class count)."""
-    from .models import build_model
+def config_network(cfg, checkpoint=None, num_classes: int | None = None, input_shape=None):
+    """The traced ``Network`` of the config's model (``cfg.build_model``: ``model.name`` with
+    ``num_classes`` outputs, default the data's, or ``model.factory``; the weights of
+    ``checkpoint``, else random / the factory model's own: the cost needs only shapes),
+    ``model.strict`` refusing digital layers, their MACs measured on one input of
+    ``input_shape`` (one sample; default the data's, ``pimsim.datasets.input_spec``).
+    ``pimsim run`` builds its network with it too (``pimsim.simulate.prepare``)."""
     from .network import build_network
-    if num_classes is None:
+    if num_classes is None or input_shape is None:
         from .datasets import input_spec
-        num_classes = input_spec(cfg)[0]
-    return build_network(build_model(cfg["model.name"], checkpoint=checkpoint,
-                                     num_classes=num_classes))
+        n, shape = input_spec(cfg)
+        num_classes = n if num_classes is None else num_classes
+        input_shape = shape if input_shape is None else input_shape
+    return build_network(cfg.build_model(checkpoint, num_classes=num_classes),
+                         input_shape=tuple(input_shape), strict=cfg["model.strict"])
 
 
 def config_mapping(cfg, net):
@@ -372,13 +415,14 @@ def config_cost(cfg, net=None, mapping=None, input_shape=None) -> dict:
         from .datasets import input_spec
         num_classes, shape = input_spec(cfg)
         input_shape = shape if input_shape is None else input_shape
-        net = config_network(cfg, num_classes=num_classes) if net is None else net
+        net = (config_network(cfg, num_classes=num_classes, input_shape=input_shape)
+               if net is None else net)
     mapping = config_mapping(cfg, net) if mapping is None else mapping
     c, h, w = input_shape
     res = traced_cost(net, mapping, CostParams.from_config(cfg), cfg.granularity, (h, w), c)
     res["input_shape"] = [int(c), int(h), int(w)]
     res["w_bits"], res["a_bits"] = cfg["quant.weight_bits"], cfg["quant.act_bits"]
-    res["model"] = cfg["model.name"]
+    res["model"] = cfg.model_label
     res["strict"] = crossbar_of(cfg)[1]
     return res
 
@@ -431,6 +475,13 @@ def format_table(res: dict) -> str:
         f"digital ops (rescale + partial sums) {_si(t['digital_ops'])} = "
         f"{100 * t['digital_overhead']:.2f}% of {_si(t['macs'])} MACs; "
         f"{t['digital_vs_channelwise']:.2f}x channelwise")
+    if res.get("digital_layers"):
+        lines.append(
+            f"digital layers (not on arrays): {len(res['digital_layers'])}, "
+            f"{_si(t['digital_layer_macs'])} MACs, {t['digital_layer_energy_nj']:.1f} nJ, "
+            f"{t['digital_layer_latency_us']:.1f} us (included below): "
+            + ", ".join(f"{d['name']} ({d['op']}, {_si(d['macs'])})"
+                        for d in res["digital_layers"]))
     eb = ", ".join(f"{k} {v:.1f}" for k, v in t["energy_breakdown_nj"].items())
     lines.append(f"arrays {t['arrays']}, utilization {100 * t['utilization']:.1f}%, "
                  f"energy {t['energy_nj']:.1f} nJ per inference ({eb}), "

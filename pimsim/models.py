@@ -5,9 +5,13 @@ All models are plain ``nn.Module`` trees that ``torch.fx.symbolic_trace`` can tr
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import os
 import pickle
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -381,6 +385,133 @@ def build_model(name: str, checkpoint: str | os.PathLike | None = None, num_clas
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     model = MODELS[name]() if num_classes is None else MODELS[name](num_classes=num_classes)
+    if checkpoint is not None:
+        return load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# User models: a factory function in a model file or an importable module
+# --------------------------------------------------------------------------------------------
+
+class ModelFactoryError(ValueError):
+    """A ``model.factory`` that cannot give a model: file or module not found, function
+    missing, the function raising or not returning an ``nn.Module``; the message says which."""
+
+
+def parse_factory(spec: str) -> tuple[str, str, str]:
+    """``(kind, target, function)`` of ``"FILE.py:FUNCTION"`` (kind ``file``: a path, ending in
+    ``.py`` or holding a ``/``) or ``"package.module:FUNCTION"`` (kind ``module``); FUNCTION
+    may be a dotted attribute path. ModelFactoryError for anything else."""
+    if not isinstance(spec, str):
+        raise ModelFactoryError("must be 'FILE.py:FUNCTION' or 'package.module:FUNCTION'")
+    target, sep, func = spec.rpartition(":")
+    if not sep or not target or not all(p.isidentifier() for p in func.split(".")):
+        raise ModelFactoryError("must be 'FILE.py:FUNCTION' or 'package.module:FUNCTION' "
+                                "(FUNCTION a Python name)")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        return "file", target, func
+    if not all(p.isidentifier() for p in target.split(".")):
+        raise ModelFactoryError(f"{target!r} is neither a .py file nor a dotted module name; "
+                                "must be 'FILE.py:FUNCTION' or 'package.module:FUNCTION'")
+    return "module", target, func
+
+
+def factory_file(spec: str, base_dir: str | os.PathLike | None = None) -> Path | None:
+    """The model file a ``FILE.py:FUNCTION`` factory names (a relative path taken from
+    ``base_dir``, default the working directory); None for a ``package.module`` factory."""
+    kind, target, _ = parse_factory(spec)
+    if kind != "file":
+        return None
+    path = Path(target).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir if base_dir is not None else Path.cwd()) / path
+    return path.resolve()
+
+
+def _exec_file(path: Path):
+    """Import the model file ``path`` as a fresh module (its folder on ``sys.path`` meanwhile,
+    so that it can import files beside it)."""
+    name = f"pimsim_user_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelFactoryError(f"{path}: cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module          # classes defined there must be findable by name
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 — the user's code: say which file and what it raised
+        sys.modules.pop(name, None)
+        raise ModelFactoryError(f"importing {path} raised {type(e).__name__}: "
+                                f"{' '.join(str(e).split())}") from e
+    finally:
+        try:
+            sys.path.remove(str(path.parent))
+        except ValueError:
+            pass
+    return module
+
+
+def load_factory(spec: str, base_dir: str | os.PathLike | None = None):
+    """The function a ``model.factory`` string names (see ``parse_factory``): the model file
+    is imported (its code runs: it is the user's model definition), or the module imported.
+    ModelFactoryError for a missing file / module / function or one that is not callable."""
+    kind, target, func = parse_factory(spec)
+    if kind == "file":
+        path = factory_file(spec, base_dir)
+        if not path.is_file():
+            raise ModelFactoryError(f"model file not found: {path}")
+        module, where = _exec_file(path), str(path)
+    else:
+        where = f"module {target}"
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name and (target == e.name or target.startswith(e.name + ".")):
+                raise ModelFactoryError(f"module {target} not found (No module named "
+                                        f"{e.name!r}); is it installed or on PYTHONPATH?") from e
+            raise ModelFactoryError(f"importing module {target} raised ModuleNotFoundError: "
+                                    f"{e}") from e
+        except Exception as e:  # noqa: BLE001 — the user's module raised on import
+            raise ModelFactoryError(f"importing module {target} raised {type(e).__name__}: "
+                                    f"{' '.join(str(e).split())}") from e
+    obj = module
+    for part in func.split("."):
+        if not hasattr(obj, part):
+            have = sorted(k for k, v in vars(module).items()
+                          if callable(v) and not k.startswith("_")
+                          and getattr(v, "__module__", None) == module.__name__)
+            raise ModelFactoryError(f"{where} has no function {func!r}"
+                                    + (f"; functions there: {', '.join(have[:10])}" if have
+                                       else ""))
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelFactoryError(f"{where}: {func} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def build_from_factory(spec: str, kwargs: dict | None = None,
+                       base_dir: str | os.PathLike | None = None,
+                       checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """The model ``load_factory(spec, base_dir)(**kwargs)`` returns, with the tensors of
+    ``checkpoint`` loaded (``load_checkpoint``: a state dict, ``{'state_dict': ...}``, keys with a
+    ``module.`` prefix, or ``.safetensors``; tensors only), or its own initial weights when
+    ``checkpoint`` is None; in eval mode. ModelFactoryError when the function raises (its
+    message included) or returns something other than an ``nn.Module``; CheckpointError /
+    FileNotFoundError from ``load_checkpoint``."""
+    fn = load_factory(spec, base_dir)
+    kwargs = dict(kwargs or {})
+    _, _, func = parse_factory(spec)
+    try:
+        model = fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 — the user's function: report what it raised
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ModelFactoryError(f"{func}({args}) raised {type(e).__name__}: "
+                                f"{' '.join(str(e).split())}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelFactoryError(f"{func} returned a {type(model).__name__}, not a "
+                                "torch.nn.Module")
     if checkpoint is not None:
         return load_checkpoint(model, checkpoint)
     return model.eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,7 +55,10 @@ def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     parent, _, name = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+    owner = root.get_submodule(parent) if parent else root
+    if name in owner._parameters or name in owner._buffers:
+        delattr(owner, name)                # a tensor replaced by the layer that uses it
+    setattr(owner, name, module)
 
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
@@ -190,11 +194,20 @@ class GemmLayer(nn.Module):
         self.clear_quant()
 
     def im2col(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as B x K x L columns (L output pixels; 1 for linear)."""
+        """The layer's input as B x K x L columns (L output pixels; for linear the positions
+        of the extra dims: a B x T x F token input gives B x F x T, a B x F input B x F x 1)."""
         if self.kind == "linear":
-            return x.reshape(x.shape[0], -1, 1)
+            return x.reshape(x.shape[0], -1, self.K).transpose(1, 2)
         return F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
                         stride=self.stride)
+
+    def positions(self, x: torch.Tensor) -> int:
+        """Output columns per input sample for input ``x`` (batch dim first): the output
+        pixels of a convolution, the positions of a linear layer's extra dims (T of a
+        B x T x F token input; 1 for B x F)."""
+        if self.kind == "linear":
+            return math.prod(x.shape[1:-1])
+        return math.prod(self.out_hw(x.shape[2], x.shape[3]))
 
     def out_hw(self, h: int, w: int) -> tuple[int, int]:
         if self.kind == "linear":
@@ -300,19 +313,213 @@ class GemmLayer(nn.Module):
 # The network
 # --------------------------------------------------------------------------------------------
 
-_FUNCTIONAL_GEMMS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d, torch.matmul,
-                     torch.mm, torch.bmm, operator.matmul}
-_UNSUPPORTED_MODULES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                        nn.ConvTranspose3d, nn.Bilinear)
+# Matrix products pimsim does not put on arrays: they run in torch and are listed as digital
+# work (``Network.digital_layers``): activation x activation products, functional GEMMs whose
+# weight is not a parameter, and the modules pimsim cannot map.
+_DIGITAL_FUNCTIONS = {
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.mm: "mm", torch.bmm: "bmm",
+    torch.mv: "mv", torch.dot: "dot", torch.inner: "inner", torch.tensordot: "tensordot",
+    torch.einsum: "einsum", torch.addmm: "addmm", torch.baddbmm: "baddbmm",
+    torch.addbmm: "addbmm", F.scaled_dot_product_attention: "scaled_dot_product_attention",
+    F.linear: "linear", F.bilinear: "bilinear", F.conv1d: "conv1d", F.conv2d: "conv2d",
+    F.conv3d: "conv3d", F.conv_transpose1d: "conv_transpose1d",
+    F.conv_transpose2d: "conv_transpose2d", F.conv_transpose3d: "conv_transpose3d",
+}
+_DIGITAL_METHODS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "bmm": "bmm",
+                    "mv": "mv", "dot": "dot", "addmm": "addmm", "baddbmm": "baddbmm"}
+_DIGITAL_MODULES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                    nn.ConvTranspose3d, nn.Bilinear, nn.MultiheadAttention, nn.RNNBase,
+                    nn.RNNCellBase, nn.Transformer, nn.TransformerEncoder,
+                    nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                    nn.TransformerDecoderLayer)
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CELL_GATES = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
+
+
+def _rnn_macs(mod: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of an RNN / LSTM / GRU module (or cell) on input ``x``: every
+    gate's input and hidden matrix products at every step of every layer and direction (and
+    the LSTM output projection)."""
+    vectors = x.numel() // x.shape[-1]               # steps x batch
+    if isinstance(mod, nn.RNNCellBase):
+        gates = _CELL_GATES.get(type(mod), 1)
+        return vectors * gates * mod.hidden_size * (mod.input_size + mod.hidden_size)
+    gates = _RNN_GATES.get(mod.mode, 1)
+    h = mod.hidden_size
+    p = getattr(mod, "proj_size", 0) or h
+    dirs = 2 if mod.bidirectional else 1
+    per = 0
+    for i in range(mod.num_layers):
+        inp = mod.input_size if i == 0 else p * dirs
+        per += dirs * (gates * h * (inp + p) + (h * p if p != h else 0))
+    return vectors * per
+
+
+def _dot_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0]
+
+
+def _mv_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def _count_macs(run) -> tuple:
+    """Multiply-accumulates of the matrix products (mm, bmm, convolution, attention, ...) that
+    ``run()`` executes (returned with its output), counted by torch's FlopCounterMode (2 flops per MAC). Gradients are on
+    meanwhile so that modules take their decomposed path (the fused inference kernels of
+    nn.MultiheadAttention and the Transformer layers are not counted by the flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    aten = torch.ops.aten
+    with FlopCounterMode(display=False, custom_mapping={aten.dot: _dot_flops,
+                                                        aten.mv: _mv_flops}) as fc:
+        with torch.enable_grad():
+            out = run()
+    return out, fc.get_total_flops() // 2
+
+
+class _DigitalCounter(fx.Interpreter):
+    """Runs the traced graph once and records the MACs of the nodes named in ``nodes``."""
+
+    def __init__(self, gm: fx.GraphModule, nodes):
+        super().__init__(gm)
+        self.nodes = set(nodes)
+        self.macs: dict = {}
+
+    def run_node(self, n):
+        if n.name not in self.nodes:
+            return super().run_node(n)
+        mod = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            x = args[0]
+            if not isinstance(x, torch.Tensor):
+                raise UnsupportedModelError(f"layer {n.target!r}: {type(mod).__name__} on a "
+                                            f"{type(x).__name__} input cannot be counted")
+            self.macs[n.name] = _rnn_macs(mod, x)
+            return super().run_node(n)
+        out, self.macs[n.name] = _count_macs(lambda: super(_DigitalCounter, self).run_node(n))
+        return out
+
+
+def _bind(node: fx.Node, names, defaults) -> dict:
+    """A call's arguments by parameter name (``defaults`` for those not given)."""
+    vals = dict(defaults)
+    vals.update(zip(names, node.args))
+    vals.update(node.kwargs)
+    return vals
+
+
+_LINEAR_ARGS = (("input", "weight", "bias"), {"bias": None})
+_CONV2D_ARGS = (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _parameter_gemm(gm: fx.GraphModule, node: fx.Node):
+    """For ``F.linear`` / ``F.conv2d`` whose weight (and bias, if any) are tensors of the model
+    (``get_attr`` nodes): ``(input node, weight target, bias target or None, an nn.Linear /
+    nn.Conv2d with those tensors and the call's geometry)``; None otherwise (the product then
+    runs digitally)."""
+    if node.op != "call_function" or node.target not in (F.linear, F.conv2d):
+        return None
+    names, defaults = _LINEAR_ARGS if node.target is F.linear else _CONV2D_ARGS
+    a = _bind(node, names, defaults)
+    w, b = a.get("weight"), a.get("bias")
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return None
+    if any(isinstance(a[k], fx.Node) for k in names[3:]):
+        return None                                 # geometry computed at run time
+    weight = _attr(gm, w.target)
+    bias = _attr(gm, b.target) if b is not None else None
+    if not isinstance(weight, torch.Tensor) or (bias is not None and not isinstance(bias, torch.Tensor)):
+        return None
+    if node.target is F.linear:
+        if weight.dim() != 2:
+            return None
+        mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        if weight.dim() != 4:
+            return None
+        g = a["groups"]
+        mod = nn.Conv2d(weight.shape[1] * g, weight.shape[0], tuple(weight.shape[2:]),
+                        stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                        groups=g, bias=bias is not None, device="meta")
+    mod.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        mod.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return a["input"], w.target, (b.target if b is not None else None), mod
+
+
+def _digital_op(node: fx.Node, modules: dict) -> tuple[str, str] | None:
+    """``(name, op)`` when ``node`` is a matrix product pimsim leaves to digital logic."""
+    if node.op == "call_function" and node.target in _DIGITAL_FUNCTIONS:
+        return node.name, _DIGITAL_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in _DIGITAL_METHODS:
+        return node.name, _DIGITAL_METHODS[node.target]
+    if node.op == "call_module" and isinstance(modules[node.target], _DIGITAL_MODULES):
+        return node.target, type(modules[node.target]).__name__
+    return None
+
+
+DEFAULT_INPUT_SHAPE = (3, 32, 32)      # one sample of CIFAR-10: the example input by default
 
 
 class Network(nn.Module):
-    """A traced model whose Conv2d/Linear layers are ``GemmLayer``s, in execution order."""
+    """A traced model whose Conv2d/Linear layers are ``GemmLayer``s, in execution order.
 
-    def __init__(self, gm: fx.GraphModule, layers: list[GemmLayer]):
+    ``digital_layers``: the matrix products that run in torch instead of on arrays (see
+    ``build_network``), one dict each: ``name`` (module path, or the graph node's name for a
+    function), ``op`` and ``macs`` (multiply-accumulates per inference, i.e. per input sample,
+    measured on one example input of shape ``input_shape``; ``count_digital`` measures them
+    again for another input shape)."""
+
+    def __init__(self, gm: fx.GraphModule, layers: list[GemmLayer], digital=(),
+                 input_shape=DEFAULT_INPUT_SHAPE):
         super().__init__()
         self.gm = gm
         self.layers = layers            # plain list: modules are registered inside gm
+        self.digital_nodes = list(digital)          # [(node name, name, op)] in graph order
+        self.input_shape = tuple(input_shape)
+        self.digital_layers: list[dict] = []
+        if self.digital_nodes:
+            self.count_digital(self.input_shape)
+
+    def count_digital(self, input_shape) -> list[dict]:
+        """Measure the MACs of the digital layers on one example input of ``input_shape`` (one
+        sample, no batch dim; zeros: only shapes matter) with every GEMM layer in float, and
+        make them ``digital_layers`` (and ``input_shape`` this shape). Returns the list."""
+        input_shape = tuple(int(v) for v in input_shape)
+        macs = {}
+        if self.digital_nodes:
+            counter = _DigitalCounter(self.gm, [n for n, _, _ in self.digital_nodes])
+            saved = {l.name: l.mode for l in self.layers}
+            try:
+                for l in self.layers:
+                    l.mode = "float"
+                with torch.no_grad():
+                    counter.run(torch.zeros(1, *input_shape))
+            except UnsupportedModelError:
+                raise
+            except Exception as e:  # noqa: BLE001 — re-raised naming the input shape
+                raise UnsupportedModelError(
+                    f"cannot run the model on an example input of shape {input_shape} to count "
+                    f"its digital layers ({type(e).__name__}: {' '.join(str(e).split())})") from e
+            finally:
+                for l in self.layers:
+                    l.mode = saved[l.name]
+            macs = counter.macs
+        self.input_shape = input_shape
+        self.digital_layers = [{"name": name, "op": op, "macs": int(macs.get(node, 0))}
+                               for node, name, op in self.digital_nodes]
+        return self.digital_layers
 
     def forward(self, x):
         return self.gm(x)
@@ -362,29 +569,91 @@ class Network(nn.Module):
                       key=[l.name for l in self.layers].index)
 
 
-def build_network(model: nn.Module) -> Network:
-    """Fold BatchNorm, trace with torch.fx, and wrap every Conv2d/Linear in a ``GemmLayer``."""
+def build_network(model: nn.Module, input_shape=DEFAULT_INPUT_SHAPE,
+                  strict: bool = False) -> Network:
+    """Fold BatchNorm, trace with torch.fx, and wrap every Conv2d/Linear in a ``GemmLayer``.
+
+    ``F.linear`` / ``F.conv2d`` called with tensors of the model as weight and bias (e.g.
+    ``F.linear(x, self.fc.weight, self.fc.bias)``) become GemmLayers too, named after the
+    module owning the weight (``fc``) when it is a Linear / Conv2d used only so, else after the
+    tensor. Matrix products pimsim does not put on arrays -- activation x activation
+    (``matmul`` / ``@``, ``bmm``, ``einsum``, ``F.scaled_dot_product_attention``, ...),
+    functional GEMMs on computed weights, and modules it cannot map (nn.MultiheadAttention,
+    LSTM / GRU / RNN, Conv1d / Conv3d / ConvTranspose, Transformer layers) -- run in torch and
+    are listed in ``Network.digital_layers`` with their MACs on one example input of
+    ``input_shape`` (one sample, e.g. ``(3, 32, 32)``); ``strict=True`` refuses them instead
+    (UnsupportedModelError naming the first). A layer called more than once (weight sharing)
+    is refused. ``x.view(shape)`` runs as ``x.reshape(shape)`` (the same values; the integer
+    backends' channels-last outputs cannot always be viewed)."""
     gm = fold_batchnorm(model)
     modules = dict(gm.named_modules())
-    layers = []
+    original = dict(model.named_modules())          # gm holds stubs of modules used by get_attr
+    called = {}
+    attr_uses = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _FUNCTIONAL_GEMMS:
+        if node.op == "call_module":
+            called[node.target] = called.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            attr_uses[node.target] = attr_uses.get(node.target, 0) + len(node.users)
+    layers, digital = [], []
+    taken = set()                                   # weight tensors / modules already mapped
+
+    def add_layer(name: str, mod: nn.Module) -> GemmLayer:
+        if name in taken or any(l.name == name for l in layers):
             raise UnsupportedModelError(
-                f"node {node.name!r}: functional {getattr(node.target, '__name__', node.target)} "
-                "is not supported; use an nn.Conv2d / nn.Linear module")
+                f"layer {name!r} is called more than once (weight sharing is not supported)")
+        taken.add(name)
+        layer = GemmLayer(name, mod)
+        layers.append(layer)
+        return layer
+
+    for node in list(gm.graph.nodes):
+        found = _parameter_gemm(gm, node)
+        if found is not None:
+            x, wt, bt, mod = found
+            owner, _, leaf = wt.rpartition(".")
+            owner_mod = original.get(owner) if owner else None
+            by_owner = (leaf == "weight" and isinstance(owner_mod, (nn.Linear, nn.Conv2d))
+                        and owner not in called and attr_uses.get(wt, 0) == 1
+                        and (bt is None or bt == f"{owner}.bias")
+                        and (owner_mod.bias is None or attr_uses.get(f"{owner}.bias", 0) == 1))
+            name = owner if by_owner else wt
+            if attr_uses.get(wt, 0) > 1 or name in called or owner in called or wt in taken:
+                raise UnsupportedModelError(
+                    f"layer {name!r}: its weight is used more than once (weight sharing is "
+                    "not supported)")
+            layer = add_layer(name, mod)
+            taken.add(wt)
+            _set_submodule(gm, name, layer)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (x,))
+            node.replace_all_uses_with(new)
+            args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+            gm.graph.erase_node(node)
+            for a in args:
+                if a.op == "get_attr" and not a.users:
+                    gm.graph.erase_node(a)
+            continue
+        if (node.op == "call_method" and node.target == "view"
+                and not any(isinstance(a, torch.dtype) for a in node.args[1:])):
+            node.target = "reshape"     # integer backends give channels-last outputs: a view
+            continue                    # of them may need a copy, which reshape makes
+        op = _digital_op(node, modules)
+        if op is not None:
+            if strict:
+                raise UnsupportedModelError(
+                    f"{'layer' if node.op == 'call_module' else 'node'} {op[0]!r}: {op[1]} is "
+                    "not put on crossbar arrays (it would run digitally); strict mode refuses it")
+            digital.append((node.name, *op))
+            continue
         if node.op != "call_module":
             continue
         mod = modules[node.target]
-        if isinstance(mod, _UNSUPPORTED_MODULES):
-            raise UnsupportedModelError(f"layer {node.target!r}: {type(mod).__name__} is not supported")
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            if any(l.name == node.target for l in layers):
-                raise UnsupportedModelError(
-                    f"layer {node.target!r} is called more than once (weight sharing is not supported)")
-            layer = GemmLayer(node.target, mod)
+            layer = add_layer(node.target, mod)
             _set_submodule(gm, node.target, layer)
-            layers.append(layer)
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__} has no Conv2d or Linear layer")
+    gm.graph.lint()
     gm.recompile()
-    return Network(gm, layers).eval()
+    return Network(gm, layers, digital, input_shape).eval()

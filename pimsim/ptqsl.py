@@ -208,9 +208,9 @@ class LayerProblem:
         padded input: ~10x faster than this torch's ``F.unfold`` on CPU.
         """
         l = self.layer
-        if l.kind == "linear":
-            return (q[b0:b1].reshape(b1 - b0, -1).t(),
-                    self.target[b0:b1].reshape(b1 - b0, -1).t())
+        if l.kind == "linear":                   # B x F or B x T x F: one column per position
+            return (q[b0:b1].reshape(-1, self.K).t(),
+                    self.target[b0:b1].reshape(-1, self.O).t())
         qc = q[b0:b1].permute(1, 0, 2, 3)                    # C x b x H x W
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = l.kernel_size, l.stride, l.padding, l.dilation
         Ho, Wo = l.out_hw(q.shape[2], q.shape[3])
@@ -225,7 +225,7 @@ class LayerProblem:
         """``columns`` of successive image chunks of about ``elements`` im2col entries."""
         B = q.shape[0]
         if self.layer.kind == "linear":
-            per_image = self.K
+            per_image = q[0].numel()
         else:
             ho, wo = self.layer.out_hw(q.shape[2], q.shape[3])
             per_image = self.K * ho * wo

@@ -34,7 +34,7 @@ class Prepared:
 
     cfg: Config
     data_dir: Path | None           # the data folder (CIFAR; else data.dir / --data-dir or None)
-    checkpoint: Path
+    checkpoint: Path | None         # None: a model.factory model with its own initial weights
     net: Network
     dataset: Dataset | None = None  # None: opened from cfg and data_dir when needed
 
@@ -54,7 +54,8 @@ def prepare(cfg: Config, data_dir=None) -> Prepared:
     ds = open_dataset(cfg, data_dir)
     ddir = ds.data_dir
     ckpt = resolve_checkpoint(cfg, ddir)
-    net = config_network(cfg, checkpoint=ckpt, num_classes=ds.num_classes)
+    net = config_network(cfg, checkpoint=ckpt, num_classes=ds.num_classes,
+                         input_shape=ds.input_shape)
     check_float_layers(cfg, net)
     return Prepared(cfg, ddir, ckpt, net, ds)
 
@@ -69,7 +70,7 @@ def check_float_layers(cfg: Config, net: Network) -> None:
     unknown = [n for n in float_layers if n not in names]
     if unknown:
         raise ConfigError(f"{cfg.source}: quant.float_layers: unknown layer(s) "
-                          f"{', '.join(unknown)} for {cfg['model.name']}; its layers: "
+                          f"{', '.join(unknown)} for {cfg.model_label}; its layers: "
                           f"{', '.join(names)}")
 
 
@@ -179,7 +180,9 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
     (tensors only, finite), ``quant.float_layers``, the calibration batch and the cost model.
     A ``limit`` above the test-set size is capped: ``"limit_capped"`` is true and ``"notes"``
     says so (``config.eval.limit`` keeps the requested value, ``"images"`` the count used).
-    ``"checkpoint"`` is the file the weights came from.
+    ``"checkpoint"`` is the file the weights came from (null: a ``model.factory`` model's own
+    initial weights). ``"digital_layers"``: the matrix products that ran in torch instead of on
+    arrays (``Network.digital_layers``: name, op, MACs per inference), costed as digital work.
 
     The run uses ``eval.threads`` threads in torch and Numba and puts the caller's thread
     counts back when it returns (``pimsim.kernels.threads``); ``"threads"`` is the count used.
@@ -220,14 +223,17 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
                                desc=f"quantized ({cfg['eval.backend']})")
     eval_s = time.perf_counter() - t0
     resolved = cfg.to_dict()
-    resolved["model"]["checkpoint"] = str(prep.checkpoint)
+    ckpt = None if prep.checkpoint is None else str(prep.checkpoint)
+    resolved["model"]["checkpoint"] = ckpt
     resolved["data"]["dir"] = None if prep.data_dir is None else str(prep.data_dir)
     resolved["eval"]["limit"] = limit
+    cost = config_cost(cfg, net, mapping if mapping is not None else shape_mapping,
+                       input_shape=ds.input_shape)
     out = {
         "fp_top1": fp_top1,
         "top1": top1,
         "images": int(n_images),
-        "checkpoint": str(prep.checkpoint),
+        "checkpoint": ckpt,
         "dataset": ds.describe(),
         "limit_capped": limit is not None and limit > test_size,
         "notes": notes,
@@ -240,9 +246,10 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
         "config": resolved,
         "layers": layer_table(net),
         "reorder": reorder,
+        # matrix products run in torch, not on arrays (counted by the cost as digital work)
+        "digital_layers": cost["digital_layers"],
         # pimsim.cost: per-inference totals of this network on the mapping it ran on
-        "cost": config_cost(cfg, net, mapping if mapping is not None else shape_mapping,
-                            input_shape=ds.input_shape)["totals"],
+        "cost": cost["totals"],
         "provenance": provenance(seeds=[cfg["quant.seed"]], threads=threads),
     }
     if mapping is not None:

@@ -248,7 +248,7 @@ def result_row(res: dict) -> dict:
         method, r, c, m = "method2", tile[0], "", splits
     else:
         method, r, c, m = "method1", tile[0], tile[1], ""
-    row = {"model": cfg["model"]["name"], "wbits": q["weight_bits"], "abits": q["act_bits"],
+    row = {"model": cfg["model"]["name"] or cfg["model"].get("factory"), "wbits": q["weight_bits"], "abits": q["act_bits"],
            "calibration": q["calibration"], "method": method, "r": r, "c": c, "m": m,
            "scales": sum(l["scales"] for l in res["layers"]),
            "top1": res["top1"], "fp_top1": res["fp_top1"], "images": res["images"],

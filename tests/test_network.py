@@ -685,16 +685,36 @@ def test_unsupported_grouped_conv_names_module_path():
     assert "group" in str(e.value)
 
 
-def test_unsupported_conv1d_names_module_path():
+def test_conv1d_is_listed_digital_and_refused_when_strict():
+    """A Conv1d is not put on arrays: it runs in torch and is listed with its MACs (O * K per
+    output position, by hand); strict=True refuses it, naming the module path."""
+    net = build_network(_Conv1d(), input_shape=(3, 10))
+    assert net.digital_layers == [{"name": "head.0", "op": "Conv1d", "macs": 4 * 3 * 3 * 8}]
+    assert [l.name for l in net.layers] == ["fc"]
     with pytest.raises(UnsupportedModelError, match=r"head\.0") as e:
-        build_network(_Conv1d())
+        build_network(_Conv1d(), input_shape=(3, 10), strict=True)
     assert "Conv1d" in str(e.value)
 
 
-@pytest.mark.parametrize("model_cls", [_FunctionalConv, _FunctionalLinear, _Matmul])
-def test_unsupported_functional_gemm(model_cls):
-    with pytest.raises(UnsupportedModelError, match="functional"):
-        build_network(model_cls())
+@pytest.mark.parametrize("model_cls", [_FunctionalConv, _FunctionalLinear])
+def test_functional_gemm_on_model_parameter_is_mapped(model_cls):
+    """F.conv2d / F.linear with a parameter of the model as weight become GemmLayers (named
+    after the parameter) computing what torch computes; nothing is left digital."""
+    model = model_cls().eval()
+    net = build_network(model)
+    assert "w" in [l.name for l in net.layers] and net.digital_layers == []
+    x = custom_input(31, (2, 3, 6, 6))
+    with torch.no_grad():
+        assert rel_err(net(x), model(x)) <= 1e-5
+
+
+def test_matmul_with_parameter_is_listed_digital():
+    """``x @ self.w`` is not mapped (only F.linear / F.conv2d are): it is listed, 1 x 4 x 2
+    MACs per sample, and refused when strict."""
+    net = build_network(_Matmul())
+    assert net.digital_layers == [{"name": "matmul", "op": "matmul", "macs": 8}]
+    with pytest.raises(UnsupportedModelError, match="matmul"):
+        build_network(_Matmul(), strict=True)
 
 
 def test_unsupported_no_gemm_layer():

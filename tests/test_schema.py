@@ -92,11 +92,12 @@ def readme_rows(text: str) -> tuple[list[tuple[str, object]], list[str]]:
 
 
 def schema_defaults(sch=None) -> dict[str, object]:
-    """``{dotted key: default}`` of a schema; a mapping default is listed by its sub-keys."""
+    """``{dotted key: default}`` of a schema; a mapping default is listed by its sub-keys (an
+    empty one, e.g. ``model.kwargs: {}``, as itself)."""
     out = {}
     for sec, keys in (sch or config.SCHEMA).items():
         for k, key in keys.items():
-            if isinstance(key.default, dict):
+            if isinstance(key.default, dict) and key.default:
                 for sub, v in key.default.items():
                     out[f"{sec}.{k}.{sub}"] = v
             else:
