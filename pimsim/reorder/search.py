@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import method_params, quantize_layer, record_float_outputs, resolve_float_layers
+from ..calibrate import method_params, quantize_layer, resolve_float_layers, run_lockstep
 from ..methods import get_method
 from ..network import Network
 from ..quant import Granularity
@@ -51,45 +51,30 @@ DEFAULTS = {k: v for k, v in defaults_of(ReorderParams).items() if k != "method"
 # segment-wise calibration
 # --------------------------------------------------------------------------------------------
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early."""
-
-
 def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran: Granularity,
                      w_bits: int, a_bits: int, method: str = "ptqsl", params: dict | None = None,
                      record=(), stop_after: str | None = None) -> dict:
     """Calibrate the named layers (in network order, each seeing the earlier quantized layers
-    in fake mode) in one forward pass that stops after ``stop_after`` (default: the last named
-    layer). Returns ``{name: (input, float target)}`` for the layers in ``record``."""
+    in fake mode) in one pass (``pimsim.calibrate.run_lockstep``) that stops after
+    ``stop_after`` (default: the last named or recorded layer). Returns
+    ``{name: (input, float target)}`` (copies) for the layers in ``record``."""
     m = get_method(method)
     params = dict(params or {})
     names = [l.name for l in net.layers if l.name in set(names)]
-    need = set(record) | (set(names) if m.needs_target else set())
-    targets = record_float_outputs(net, images, need) if need else {}
+    record = set(record)
+    need = record | (set(names) if m.needs_target else set())
     for n in names:
         net.layer(n).clear_quant()
-    pos = {l.name: i for i, l in enumerate(net.layers)}
-    last = stop_after or max(list(names) + list(record), key=pos.get, default=None)
     kept = {}
 
-    def hook(layer, x):
-        layer.hook = None
-        t = targets.get(layer.name)
-        if layer.name in record:
-            kept[layer.name] = (x, t)
+    def visit(layer, x, t):
+        if layer.name in record:        # the pass's own values may change after this layer
+            kept[layer.name] = (x.clone(), None if t is None else t.clone())
         if layer.name in names:
             quantize_layer(m.fn, layer, x, t, gran, w_bits, a_bits, params)
-        if layer.name == last:
-            raise _Stop
-        return None
 
-    hooked = set(names) | set(record) | ({last} if last else set())
-    if not hooked:
-        return kept
-    try:
-        net.run_with_hooks(images, {n: hook for n in hooked})
-    except _Stop:
-        pass
+    run_lockstep(net, images, {n: visit for n in set(names) | record}, targets=need,
+                 stop_after=stop_after)
     return kept
 
 
