@@ -53,11 +53,12 @@ DEFAULTS = {k: v for k, v in defaults_of(ReorderParams).items() if k != "method"
 
 def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran: Granularity,
                      w_bits: int, a_bits: int, method: str = "ptqsl", params: dict | None = None,
-                     record=(), stop_after: str | None = None) -> dict:
+                     record=(), stop_after: str | None = None, on_record=None) -> dict:
     """Calibrate the named layers (in network order, each seeing the earlier quantized layers
     in fake mode) in one pass (``pimsim.calibrate.run_lockstep``) that stops after
-    ``stop_after`` (default: the last named or recorded layer). Returns
-    ``{name: (input, float target)}`` (copies) for the layers in ``record``."""
+    ``stop_after`` (default: the last named or recorded layer). Returns, for the layers in
+    ``record``, ``{name: on_record(layer, input, float target)}``, computed when the pass
+    reaches the layer (before it is calibrated); default: copies ``(input, target)``."""
     m = get_method(method)
     params = dict(params or {})
     names = [l.name for l in net.layers if l.name in set(names)]
@@ -68,8 +69,11 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
     kept = {}
 
     def visit(layer, x, t):
-        if layer.name in record:        # the pass's own values may change after this layer
-            kept[layer.name] = (x.clone(), None if t is None else t.clone())
+        if layer.name in record:
+            if on_record is not None:
+                kept[layer.name] = on_record(layer, x, t)
+            else:                       # the pass's own values may change after this layer
+                kept[layer.name] = (x.clone(), None if t is None else t.clone())
         if layer.name in names:
             quantize_layer(m.fn, layer, x, t, gran, w_bits, a_bits, params)
 
@@ -178,12 +182,19 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
             # calibrate (at the current orders) whatever the segment's inputs depend on
             end = max(pos[n] for n in seg.layers)
             upto = [n for n in todo if pos[n] <= end and net.layer(n).quant is None]
-            kept = calibrate_layers(net, images, upto, gran, w_bits, a_bits, method,
-                                    calib_params, record=qlayers)
-            t0 = time.perf_counter()
-            scorers = [LayerScorer(net.layer(n), *kept[n], gran, w_bits, a_bits, search_params)
-                       for n in qlayers]
-            del kept
+            # each layer's scorer (its Gram statistics) is formed when the pass reaches it:
+            # no segment layer's input and target are held beyond it
+            build_s = [0.0]
+
+            def scorer(layer, x, t):
+                t1 = time.perf_counter()
+                sc_ = LayerScorer(layer, x, t, gran, w_bits, a_bits, search_params)
+                build_s[0] += time.perf_counter() - t1
+                return sc_
+            by_name = calibrate_layers(net, images, upto, gran, w_bits, a_bits, method,
+                                       calib_params, record=qlayers, on_record=scorer)
+            t0 = time.perf_counter() - build_s[0]
+            scorers = [by_name[n] for n in qlayers]
             sc = SegmentScorer(scorers, ro)
             sizes = {g: ro.free[g].size for g in seg.groups}
             base = {g: ro.orders[g].copy() for g in seg.groups}
