@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import method_params, quantize_layer, record_float_outputs, resolve_float_layers
+from ..calibrate import method_params, quantize_layer, resolve_float_layers, run_lockstep
 from ..methods import get_method
 from ..network import Network
 from ..quant import Granularity
@@ -51,45 +51,34 @@ DEFAULTS = {k: v for k, v in defaults_of(ReorderParams).items() if k != "method"
 # segment-wise calibration
 # --------------------------------------------------------------------------------------------
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early."""
-
-
 def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran: Granularity,
                      w_bits: int, a_bits: int, method: str = "ptqsl", params: dict | None = None,
-                     record=(), stop_after: str | None = None) -> dict:
+                     record=(), stop_after: str | None = None, on_record=None) -> dict:
     """Calibrate the named layers (in network order, each seeing the earlier quantized layers
-    in fake mode) in one forward pass that stops after ``stop_after`` (default: the last named
-    layer). Returns ``{name: (input, float target)}`` for the layers in ``record``."""
+    in fake mode) in one pass (``pimsim.calibrate.run_lockstep``) that stops after
+    ``stop_after`` (default: the last named or recorded layer). Returns, for the layers in
+    ``record``, ``{name: on_record(layer, input, float target)}``, computed when the pass
+    reaches the layer (before it is calibrated); default: copies ``(input, target)``."""
     m = get_method(method)
     params = dict(params or {})
     names = [l.name for l in net.layers if l.name in set(names)]
-    need = set(record) | (set(names) if m.needs_target else set())
-    targets = record_float_outputs(net, images, need) if need else {}
+    record = set(record)
+    need = record | (set(names) if m.needs_target else set())
     for n in names:
         net.layer(n).clear_quant()
-    pos = {l.name: i for i, l in enumerate(net.layers)}
-    last = stop_after or max(list(names) + list(record), key=pos.get, default=None)
     kept = {}
 
-    def hook(layer, x):
-        layer.hook = None
-        t = targets.get(layer.name)
+    def visit(layer, x, t):
         if layer.name in record:
-            kept[layer.name] = (x, t)
+            if on_record is not None:
+                kept[layer.name] = on_record(layer, x, t)
+            else:                       # the pass's own values may change after this layer
+                kept[layer.name] = (x.clone(), None if t is None else t.clone())
         if layer.name in names:
             quantize_layer(m.fn, layer, x, t, gran, w_bits, a_bits, params)
-        if layer.name == last:
-            raise _Stop
-        return None
 
-    hooked = set(names) | set(record) | ({last} if last else set())
-    if not hooked:
-        return kept
-    try:
-        net.run_with_hooks(images, {n: hook for n in hooked})
-    except _Stop:
-        pass
+    run_lockstep(net, images, {n: visit for n in set(names) | record}, targets=need,
+                 stop_after=stop_after)
     return kept
 
 
@@ -193,12 +182,19 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
             # calibrate (at the current orders) whatever the segment's inputs depend on
             end = max(pos[n] for n in seg.layers)
             upto = [n for n in todo if pos[n] <= end and net.layer(n).quant is None]
-            kept = calibrate_layers(net, images, upto, gran, w_bits, a_bits, method,
-                                    calib_params, record=qlayers)
-            t0 = time.perf_counter()
-            scorers = [LayerScorer(net.layer(n), *kept[n], gran, w_bits, a_bits, search_params)
-                       for n in qlayers]
-            del kept
+            # each layer's scorer (its Gram statistics) is formed when the pass reaches it:
+            # no segment layer's input and target are held beyond it
+            build_s = [0.0]
+
+            def scorer(layer, x, t):
+                t1 = time.perf_counter()
+                sc_ = LayerScorer(layer, x, t, gran, w_bits, a_bits, search_params)
+                build_s[0] += time.perf_counter() - t1
+                return sc_
+            by_name = calibrate_layers(net, images, upto, gran, w_bits, a_bits, method,
+                                       calib_params, record=qlayers, on_record=scorer)
+            t0 = time.perf_counter() - build_s[0]
+            scorers = [by_name[n] for n in qlayers]
             sc = SegmentScorer(scorers, ro)
             sizes = {g: ro.free[g].size for g in seg.groups}
             base = {g: ro.orders[g].copy() for g in seg.groups}
