@@ -67,7 +67,7 @@ class LayerScorer:
                  gran: Granularity, w_bits: int, a_bits: int, params: dict | None = None):
         p = check_params({**(params or {}), "metric": "euclidean", "mode": "gram"})
         self.name, self.kk = layer.name, layer.K // layer.in_channels  # im2col columns / channel
-        self.grid = gran.resolve(layer.O, layer.K)
+        self.grid = gran.resolve(layer.O, layer.K, layer.groups)
         self.w_bits, self.rounds, self.symmetric = w_bits, p["rounds"], p["symmetric"]
         self.factors = candidate_factors(p)
         prob = LayerProblem(layer, x, target, a_bits, self.symmetric)
