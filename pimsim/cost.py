@@ -39,10 +39,19 @@ arrays   arrays, utilization (from the mapping); used_columns = segments * (O * 
          adc_conversions = used_columns * cyc * P every used bit line, every cycle (the
                                                   formula pimsim.crossbar.adc_conversions, which
                                                   also counts the array simulation's conversions)
-         dac_conversions = K * aps * cyc * P      every used word line of every array, every cycle
+         dac_conversions = g * K * aps * cyc * P  every used word line of every array, every cycle
          shift_adds      = adc_conversions        each ADC result shift-added into its accumulator
-         buffer_accesses = K * P + O * P + rescale_mults    input reads (broadcast to the arrays
-                           of a segment), output writes, one scale read per rescale multiply
+         buffer_accesses = g * K * P + O * P + rescale_mults    input reads (broadcast to the
+                           arrays of a segment), output writes, one scale read per rescale
+                           multiply
+
+Grouped convolution (``groups`` = g > 1; g = 1 otherwise): W is g stacked (O/g) x K matrices,
+each group with its own g-th of the input channels and its own arrays (``pimsim.crossbar``
+mapping), so every formula above holds as written with O the layer's rows and K a group's
+columns (``macs = O * K * P`` counts each group's (O/g) x K products), scales = row_blocks *
+col_blocks of the grid whose row blocks restart at every group (layerwise: still 1), and the
+mapping's segments, arrays and used columns are summed over the groups; only the input
+side is g * K wide (DAC conversions, input reads).
 energy   energy_pj = array_reads * array_read_pj + adc_conversions * adc_pj_eff
                      + dac_conversions * dac_pj + rescale_mults * mult_pj
                      + (psum_adds + shift_adds) * add_pj + buffer_accesses * buffer_pj
@@ -133,12 +142,14 @@ COST_KEYS = tuple((k, key.default, key.doc) for k, key in keys_of(CostParams).it
 
 @dataclass(frozen=True)
 class LayerShape:
-    """A GEMM layer as the cost model sees it: O x K weights, P output pixels per inference."""
+    """A GEMM layer as the cost model sees it: O x K weights, P output pixels per inference;
+    ``groups`` of a grouped convolution (W is ``groups`` stacked ``O/groups x K`` matrices)."""
 
     name: str
     O: int
     K: int
     pixels: int
+    groups: int = 1
 
 
 # CIFAR's image size: the default of the functions below when no input shape is given (a run
@@ -157,7 +168,8 @@ def network_shapes(net, image_hw=IMAGE_HW, channels: int = 3) -> list[LayerShape
         return layer.float_forward(x)
 
     net.run_with_hooks(torch.zeros(1, channels, *image_hw), {l.name: hook for l in net.layers})
-    return [LayerShape(l.name, l.O, l.K, pixels[l.name]) for l in net.layers if l.name in pixels]
+    return [LayerShape(l.name, l.O, l.K, pixels[l.name], l.groups)
+            for l in net.layers if l.name in pixels]
 
 
 @functools.lru_cache(maxsize=16)
@@ -183,7 +195,7 @@ def model_shapes(name: str, float_layers="auto") -> list[LayerShape]:
 
 def _specs(shapes, gran: Granularity, w_bits: int, a_bits: int):
     from .crossbar import LayerSpec
-    return [LayerSpec(s.name, s.O, s.K, gran.resolve(s.O, s.K), w_bits, a_bits, gran)
+    return [LayerSpec(s.name, s.O, s.K, gran.resolve(s.O, s.K, s.groups), w_bits, a_bits, gran)
             for s in shapes]
 
 
@@ -228,9 +240,9 @@ def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None)
     used_cols = lm.used_columns
     array_reads = lm.arrays * cyc * P
     adc = adc_conversions(lm, P, params.input_passes)
-    dac = K * aps * cyc * P
+    dac = lm.groups * K * aps * cyc * P
     shift_adds = adc
-    buffer = K * P + O * P + rescale
+    buffer = lm.groups * K * P + O * P + rescale
     e = {"array": array_reads * params.array_read_pj, "adc": adc * adc_energy_pj(crossbar, params),
          "dac": dac * params.dac_pj, "mult": rescale * params.mult_pj,
          "add": (psum + shift_adds) * params.add_pj, "buffer": buffer * params.buffer_pj}
@@ -238,7 +250,8 @@ def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None)
     d_ns = math.ceil(digital / P / params.digital_lanes) * params.digital_op_ns
     latency_ns = (a_ns + d_ns + (P - 1) * max(a_ns, d_ns) if params.overlap_digital
                   else P * (a_ns + d_ns))
-    out = {"name": lm.name, "O": O, "K": K, "pixels": P, "r": lm.r, "c": lm.c,
+    out = {"name": lm.name, "O": O, "K": K, "groups": lm.groups, "pixels": P, "r": lm.r,
+           "c": lm.c,
            "row_blocks": lm.row_blocks, "col_blocks": lm.col_blocks, "scales": scales,
            "weights": O * K, "weight_bits": weight_bits, "scale_bits": scale_bits,
            "macs": O * K * P, "rescale_mults": rescale, "tile_adds": tile_adds,
@@ -290,7 +303,8 @@ def mapping_cost(mapping, pixels: dict, params: CostParams | None = None,
     crossbar = mapping.crossbar
 
     def regrid(gran):
-        return Mapping.from_layers([LayerSpec(lm.name, lm.O, lm.K, gran.resolve(lm.O, lm.K),
+        return Mapping.from_layers([LayerSpec(lm.name, lm.O, lm.K,
+                                              gran.resolve(lm.O, lm.K, lm.groups),
                                               lm.w_bits, lm.a_bits, gran)
                                     for lm in mapping.layers], crossbar, strict=False)
     chw, lw = regrid(Granularity.channelwise()), regrid(Granularity.layerwise())
@@ -400,7 +414,7 @@ def config_mapping(cfg, net):
                  for l in net.quantized_layers]
     else:
         keep = resolve_float_layers(net, cfg["quant.float_layers"])
-        specs = [LayerSpec(l.name, l.O, l.K, gran.resolve(l.O, l.K), wb, ab)
+        specs = [LayerSpec(l.name, l.O, l.K, gran.resolve(l.O, l.K, l.groups), wb, ab)
                  for l in net.layers if l.name not in keep]
     return Mapping.from_layers(specs, xb, strict=strict, granularity=gran)
 

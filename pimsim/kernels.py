@@ -116,16 +116,19 @@ def combine_nk(P, srow, lim, sx, bias, y, n0):
 
 
 @njit(parallel=True, cache=True)
-def _psums_int(wq, xt, bounds, n0, out):
-    """Exact int64 partial sums out[j, n, o] = sum_{k in block j} wq[o, k] * xt[n0 + n, k]."""
+def _psums_int(wq, xt, bounds, n0, og, out):
+    """Exact int64 partial sums out[j, n, o] = sum_{k in block j} wq[o, k] * xt[n0 + n, g*K + k]
+    with g = o // og the group of row o (``og`` rows per group; og = O: one group)."""
     J = bounds.shape[0] - 1
     nb, O = out.shape[1], out.shape[2]
+    K = wq.shape[1]
     for n in prange(nb):
         for j in range(J):
             for o in range(O):
+                off = (o // og) * K
                 acc = np.int64(0)
                 for k in range(bounds[j], bounds[j + 1]):
-                    acc += np.int64(wq[o, k]) * np.int64(xt[n0 + n, k])
+                    acc += np.int64(wq[o, k]) * np.int64(xt[n0 + n, off + k])
                 out[j, n, o] = acc
 
 
@@ -205,6 +208,12 @@ class TiledGemm:
     The products are formed per column block j, in chunks of N, in the orientation in which
     BLAS reads the input as it is: ``W_j @ X_j`` for a K x N input, ``X_j^T @ W_j^T``
     (tall-skinny, the faster one when N >> O) for an N x K input and for convolutions.
+
+    Grouped (``grid.groups = g > 1``, a grouped convolution): the input has ``K_in = g * K``
+    rows (columns of X^T) and group g's rows of W multiply only input rows ``g*K .. (g+1)*K``.
+    Column block j of all groups is one batched product (``torch.bmm`` over the groups of
+    ``X_{g,j}^T @ W_{g,j}^T``); the exactness argument is the one above, per group (each
+    partial sum still has at most c terms). Everything after the partial sums is unchanged.
     """
 
     def __init__(self, wq, grid: TileGrid, scales, w_bits: int | None = None,
@@ -248,6 +257,9 @@ class TiledGemm:
             # W_j and W_j^T of every column block, contiguous, one per BLAS call
             self._wj = [w[:, grid.col_slice(j)].contiguous() for j in range(grid.n_col_blocks)]
             self._wjt = [wj.t().contiguous() for wj in self._wj]
+            if grid.groups > 1:         # (g, c_j, Og): the groups' W_j^T, one batched call
+                self._wjg = [wj.reshape(grid.groups, grid.Og, -1).transpose(1, 2).contiguous()
+                             for wj in self._wj]
 
     # -- partial sums --------------------------------------------------------------------------
     def _transposed_input(self, xq, layout):
@@ -256,9 +268,10 @@ class TiledGemm:
             raise ValueError(f"layout must be 'KN' or 'NK', got {layout!r}")
         x = xq if isinstance(xq, torch.Tensor) else torch.from_numpy(np.asarray(xq))
         kdim = 0 if layout == "KN" else 1
-        if x.dim() != 2 or x.shape[kdim] != self.grid.K:
+        if x.dim() != 2 or x.shape[kdim] != self.grid.K_in:
             want = "K x N" if layout == "KN" else "N x K"
-            raise ValueError(f"input must be {want} with K={self.grid.K}, got shape {tuple(x.shape)}")
+            raise ValueError(f"input must be {want} with K={self.grid.K_in}, got shape "
+                             f"{tuple(x.shape)}")
         return x.t() if layout == "KN" else x
 
     # -- shared with other operators on the same tiles (pimsim.crossbar.CrossbarGemm) --------
@@ -275,7 +288,7 @@ class TiledGemm:
     def chunk_size(self, N) -> int:
         """Rows of X^T per chunk: keeps the converted input chunk and its partial sums in cache."""
         g = self.grid
-        per_row = g.K * 8 + g.n_col_blocks * g.O * 8
+        per_row = g.K_in * 8 + g.n_col_blocks * g.O * 8
         return max(64, min(N, _CHUNK_BYTES // per_row))
 
 
@@ -291,7 +304,8 @@ class TiledGemm:
         """Yield ``(n0, n1, P)``: exact partial sums P (J, n1-n0, O) of each chunk of rows of
         X^T; ``rows(n0, n1)`` gives those rows (a BLAS-ready float tensor, or a numpy array of
         integers for the int path). Each product is ``X_j^T @ W_j^T``, a tall-skinny GEMM."""
-        J, O = self.grid.n_col_blocks, self.grid.O
+        grid = self.grid
+        J, O, G = grid.n_col_blocks, grid.O, grid.groups
         bnd = self._bounds
         nb = self.chunk_size(N)
         for n0 in range(0, N, nb):
@@ -299,12 +313,19 @@ class TiledGemm:
             xc = rows(n0, n1)
             if self.path == "int":
                 P = np.empty((J, n1 - n0, O), dtype=np.int64)
-                _psums_int(self.wq, xc, bnd, 0, P)
-            else:
+                _psums_int(self.wq, xc, bnd, 0, grid.Og, P)
+            elif G == 1:
                 P = torch.empty((J, n1 - n0, O), dtype=self._dtype)
                 for j in range(J):
                     torch.mm(xc[:, bnd[j]:bnd[j + 1]], self._wjt[j], out=P[j])
                 P = P.numpy()
+            else:
+                P = torch.empty((J, n1 - n0, G, grid.Og), dtype=self._dtype)
+                xg = xc.reshape(n1 - n0, G, grid.K).transpose(0, 1)       # (G, nb, K) view
+                for j in range(J):
+                    pj = torch.bmm(xg[:, :, bnd[j]:bnd[j + 1]], self._wjg[j])   # (G, nb, Og)
+                    P[j].copy_(pj.transpose(0, 1))
+                P = P.reshape(J, n1 - n0, O).numpy()
             yield n0, n1, P
 
     def iter_psums(self, xq, layout="KN"):
@@ -312,7 +333,7 @@ class TiledGemm:
         as it is), P (J, nb, O) for "NK" (see ``_psums_nk``)."""
         xt = self._transposed_input(xq, layout)
         N = xt.shape[0]
-        if layout == "NK" or self.path == "int":
+        if layout == "NK" or self.path == "int" or self.grid.groups > 1:
             def rows(n0, n1):
                 xc = xt[n0:n1]
                 if self.path == "int":
@@ -345,13 +366,13 @@ class TiledGemm:
         never exists in memory (each call overwrites the previous rows)."""
         x = _channels_last(xq4)
         kh, kw = geometry[0]
-        if x.shape[3] * kh * kw != self.grid.K:
+        if x.shape[3] * kh * kw != self.grid.K_in:
             raise ValueError(f"conv input has {x.shape[3]} channels x {kh}x{kw} kernel != "
-                             f"K={self.grid.K}")
+                             f"K={self.grid.K_in}")
         ho, wo = conv_out_hw(x.shape[1], x.shape[2], *geometry)
         N = x.shape[0] * ho * wo
         dt = np.float64 if self.path != "f32" else np.float32
-        buf = np.empty((self.chunk_size(N), self.grid.K), dtype=dt)
+        buf = np.empty((self.chunk_size(N), self.grid.K_in), dtype=dt)
         flat = [v for pair in geometry for v in pair]
 
         def rows(n0, n1):
@@ -437,13 +458,16 @@ def tiled_matmul(wq, xq, scales, grid: TileGrid, act_scale: float, *, w_bits=Non
 # --------------------------------------------------------------------------------------------
 
 def partial_sums_reference(wq, xq, grid: TileGrid) -> np.ndarray:
-    """int64 partial sums ``P[j] = Wq[:, cols_j] @ Xq[cols_j, :]``, shape (J, O, N)."""
+    """int64 partial sums ``P[j] = Wq[:, cols_j] @ Xq[cols_j, :]``, shape (J, O, N); grouped:
+    group g's rows times input rows ``g*K + cols_j``, group by group."""
     w = np.asarray(wq).astype(np.int64)
     x = np.asarray(xq).astype(np.int64)
     out = np.empty((grid.n_col_blocks, grid.O, x.shape[1]), dtype=np.int64)
     for j in range(grid.n_col_blocks):
         cols = grid.col_slice(j)
-        out[j] = w[:, cols] @ x[cols, :]
+        for g in range(grid.groups):
+            rows, off = grid.group_rows(g), g * grid.K
+            out[j, rows] = w[rows, cols] @ x[cols.start + off:cols.stop + off, :]
     return out
 
 

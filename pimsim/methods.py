@@ -84,7 +84,7 @@ def max_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_b
     """``max`` calibration: ``max|W_ij| / (2^(b-1)-1)`` per tile, activation scale from
     ``max|x|``. Reads no options (its scales never reach -2^(b-1), so the symmetric clamp of
     ``quantize_layer`` leaves them exact)."""
-    grid = gran.resolve(layer.O, layer.K)
+    grid = gran.resolve(layer.O, layer.K, layer.groups)
     w_scales = max_scales(layer.weight_matrix(), grid, w_bits)
     act_scale = float(max_scale(float(x.abs().max()), a_bits))
     return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"})

@@ -131,16 +131,18 @@ class LayerQuant:
 
 
 class GemmLayer(nn.Module):
-    """A Conv2d or Linear seen as ``Y = W X + b`` with W the O x K im2col weight matrix."""
+    """A Conv2d or Linear seen as ``Y = W X + b`` with W the O x K im2col weight matrix.
+
+    A grouped convolution (``groups = g``) is g independent matrices of ``O/g x K`` (K =
+    ``Cin/g * kh * kw``) stacked along the rows of W (PyTorch's ``weight.reshape(O, -1)``):
+    group g's rows multiply only its own input channels, im2col columns ``g*K .. (g+1)*K``
+    of the ``K_in = g * K`` columns of ``im2col``. Its ``TileGrid`` has ``groups = g``.
+    """
 
     def __init__(self, name: str, module: nn.Module):
         super().__init__()
         self.name = name
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                raise UnsupportedModelError(
-                    f"layer {name!r}: grouped convolution (groups={module.groups}) is not "
-                    "supported yet")
             if module.padding_mode != "zeros":
                 raise UnsupportedModelError(
                     f"layer {name!r}: padding_mode={module.padding_mode!r} is not supported "
@@ -155,10 +157,12 @@ class GemmLayer(nn.Module):
             self.stride = tuple(module.stride)
             self.padding = tuple(module.padding)
             self.dilation = tuple(module.dilation)
+            self.groups = int(module.groups)
         elif isinstance(module, nn.Linear):
             self.kind = "linear"
             self.in_channels = module.in_features
             self.kernel_size = (1, 1)
+            self.groups = 1
         else:
             raise UnsupportedModelError(f"layer {name!r}: {type(module).__name__} is not a GEMM")
         w = module.weight.detach().to(torch.float32)
@@ -179,7 +183,13 @@ class GemmLayer(nn.Module):
 
     @property
     def K(self) -> int:
+        """Columns of W: ``Cin/groups * kh * kw`` (in_features for a linear layer)."""
         return self.weight[0].numel()
+
+    @property
+    def K_in(self) -> int:
+        """Columns of the layer's im2col input: ``groups * K``."""
+        return self.groups * self.K
 
     def weight_matrix(self) -> np.ndarray:
         """W as an O x K float32 numpy array (PyTorch's ``weight.reshape(O, -1)`` order)."""
@@ -194,8 +204,9 @@ class GemmLayer(nn.Module):
         self.clear_quant()
 
     def im2col(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as B x K x L columns (L output pixels; for linear the positions
-        of the extra dims: a B x T x F token input gives B x F x T, a B x F input B x F x 1)."""
+        """The layer's input as B x K_in x L columns (L output pixels; for linear the positions
+        of the extra dims: a B x T x F token input gives B x F x T, a B x F input B x F x 1);
+        group g of a grouped conv reads rows ``g*K .. (g+1)*K``."""
         if self.kind == "linear":
             return x.reshape(x.shape[0], -1, self.K).transpose(1, 2)
         return F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
@@ -220,6 +231,9 @@ class GemmLayer(nn.Module):
         the previous quantization are dropped). A float layer switches to mode ``kernel``."""
         if (q.grid.O, q.grid.K) != (self.O, self.K):
             raise ValueError(f"layer {self.name}: grid {q.grid.O}x{q.grid.K} != W {self.O}x{self.K}")
+        if q.grid.groups != self.groups:
+            raise ValueError(f"layer {self.name}: grid has groups={q.grid.groups}, the layer "
+                             f"groups={self.groups}")
         q.check()
         self.wq = np.ascontiguousarray(q.weight_int(self.weight_matrix()))
         self.quant = q
@@ -283,7 +297,7 @@ class GemmLayer(nn.Module):
         w = self.weight if weight is None else weight
         if self.kind == "linear":
             return F.linear(x, w, self.bias)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def run_backend(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The layer's output on backend ``name`` whatever its mode (built if needed)."""
@@ -306,7 +320,8 @@ class GemmLayer(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", tile={self.quant.grid.r}x{self.quant.grid.c}" if self.quant else ""
-        return f"{self.name}: {self.kind} O={self.O} K={self.K}, mode={self.mode}{g}"
+        gr = f", groups={self.groups}" if self.groups != 1 else ""
+        return f"{self.name}: {self.kind} O={self.O} K={self.K}{gr}, mode={self.mode}{g}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ class LayerProblem:
         self.a_bits = a_bits
         self.lo, self.hi = qrange(a_bits, symmetric)
         self.O, self.K = layer.O, layer.K
+        self.groups, self.K_in = layer.groups, layer.K_in
         b = layer.bias
         self.bias = (b.detach().to(torch.float64).numpy() if b is not None
                      else np.zeros(self.O, dtype=np.float64))
@@ -201,8 +202,9 @@ class LayerProblem:
 
     # -- im2col view ---------------------------------------------------------------------------
     def columns(self, q: torch.Tensor, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Xc, Tc)``: the K x M im2col columns of images ``b0:b1`` of ``q`` and the O x M
-        target columns (float32), columns in (image, output pixel) order.
+        """``(Xc, Tc)``: the K_in x M im2col columns of images ``b0:b1`` of ``q`` and the O x M
+        target columns (float32), columns in (image, output pixel) order (a grouped layer's
+        group g reads rows ``g*K .. (g+1)*K``).
 
         Same columns as ``GemmLayer.im2col`` (``F.unfold``), built from strided views of the
         padded input: ~10x faster than this torch's ``F.unfold`` on CPU.
@@ -217,7 +219,7 @@ class LayerProblem:
         xp = F.pad(qc, (pw, pw, ph, ph)) if ph or pw else qc
         views = [xp[:, :, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
                  for i in range(kh) for j in range(kw)]
-        X = torch.stack(views, 1).reshape(self.K, -1)
+        X = torch.stack(views, 1).reshape(self.K_in, -1)
         T = self.target[b0:b1].permute(1, 0, 2, 3).reshape(self.O, -1)
         return X, T
 
@@ -228,14 +230,18 @@ class LayerProblem:
             per_image = q[0].numel()
         else:
             ho, wo = self.layer.out_hw(q.shape[2], q.shape[3])
-            per_image = self.K * ho * wo
+            per_image = self.K_in * ho * wo
         step = max(1, min(B, elements // per_image))
         for b0 in range(0, B, step):
             yield self.columns(q, b0, min(B, b0 + step))
 
     def gram_stats(self, s: float) -> dict:
         """H = Xq Xq^T, Gs = Y* Xq^T, u = Xq 1, ys = Y* 1, yy = rowwise ||Y*||^2 (float64) for
-        ``Xq = s * Q``."""
+        ``Xq = s * Q``. Grouped layer (``groups`` g > 1): per group, ``H`` (g, K, K) of the
+        group's own input rows, ``u`` (g, K), ``Gs`` (O x K) row o against its group's input;
+        the dict then has ``groups = g``."""
+        if self.groups > 1:
+            return self._gram_stats_grouped(s)
         q = self.quantize_input(s)
         K, O = self.K, self.O
         H = torch.zeros(K, K, dtype=torch.float64)
@@ -267,10 +273,45 @@ class LayerProblem:
         return {"H": (H * (s * s)).numpy(), "Gs": (Gs * s).numpy(), "u": (u * s).numpy(),
                 "ys": ys.numpy(), "yy": yy.numpy(), "N": n_cols}
 
+    def _gram_stats_grouped(self, s: float) -> dict:
+        q = self.quantize_input(s)
+        g, K, O = self.groups, self.K, self.O
+        Og = O // g
+        H = torch.zeros(g, K, K, dtype=torch.float64)
+        Gs = torch.zeros(g, Og, K, dtype=torch.float64)
+        u = torch.zeros(g, K, dtype=torch.float64)
+        ys = torch.zeros(O, dtype=torch.float64)
+        yy = torch.zeros(O, dtype=torch.float64)
+        step = _exact_f32_columns(self.a_bits)
+        n_cols = 0
+        for X, T in self._chunks(q, 1 << 21):
+            M = X.shape[1]
+            n_cols += M
+            Xg = X.reshape(g, K, M)
+            X64 = Xg.to(torch.float64)
+            if step >= 1:           # integer partial sums <= 2^24 per GEMM: exact in float32
+                for m0 in range(0, M, step):
+                    Xs = Xg[:, :, m0:m0 + step]
+                    H += torch.bmm(Xs, Xs.transpose(1, 2)).to(torch.float64)
+            else:
+                H += torch.bmm(X64, X64.transpose(1, 2))
+            T64 = T.to(torch.float64)
+            Gs += torch.bmm(T64.reshape(g, Og, M), X64.transpose(1, 2))
+            u += X64.sum(2)
+            ys += T64.sum(1)
+            yy += (T64 * T64).sum(1)
+        return {"H": (H * (s * s)).numpy(), "Gs": (Gs * s).reshape(O, K).numpy(),
+                "u": (u * s).numpy(), "ys": ys.numpy(), "yy": yy.numpy(), "N": n_cols,
+                "groups": g}
+
     def direct_data(self, s: float) -> tuple[np.ndarray, np.ndarray]:
-        """``Xq = s * Q`` (K x N) and ``Y*`` (O x N) in float64, columns in (image, pixel) order."""
+        """``Xq = s * Q`` (K x N; grouped: (g, K, N), each group's input rows) and ``Y*``
+        (O x N) in float64, columns in (image, pixel) order."""
         X, T = self.columns(self.quantize_input(s), 0, self.x.shape[0])
-        return (X.to(torch.float64) * s).numpy(), T.to(torch.float64).numpy()
+        X = X.to(torch.float64) * s
+        if self.groups > 1:
+            X = X.reshape(self.groups, self.K, -1)
+        return X.numpy(), T.to(torch.float64).numpy()
 
 
 def _one_minus_cos(dot, nrm2, t2):
@@ -333,6 +374,28 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
 
 
+def group_matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A @ B`` where the last-but-one axis of A (O rows) is cut into the groups of B:
+    ``B`` (k, n) is one matrix for all rows (plain ``_mm`` of 2-D operands); ``B`` (g, k, n)
+    multiplies row block g of A (O/g rows each) with ``B[g]``. A may have a leading stack axis
+    (m, O, k). float64 through torch."""
+    if B.ndim == 2 and A.ndim == 2:
+        return _mm(A, B)
+    if B.ndim == 2:
+        return (torch.from_numpy(np.ascontiguousarray(A)) @ torch.from_numpy(
+            np.ascontiguousarray(B))).numpy()
+    g = B.shape[0]
+    lead, (O, k) = A.shape[:-2], A.shape[-2:]
+    a = torch.from_numpy(np.ascontiguousarray(A)).reshape(*lead, g, O // g, k)
+    y = a @ torch.from_numpy(np.ascontiguousarray(B))
+    return y.reshape(*lead, O, B.shape[-1]).numpy()
+
+
+def group_rows_of(v: np.ndarray, O: int) -> np.ndarray:
+    """A per-group vector ``v`` (g, k) as one row per output row (O, k); (k,) stays (k,)."""
+    return v if v.ndim == 1 else np.repeat(v, O // v.shape[0], axis=0)
+
+
 class GramEval:
     """The evaluator of ``algorithm1`` on Gram statistics (``LayerProblem.gram_stats``: ``H``,
     ``Gs``, ``u``, ``ys``, ``yy``, ``N``) and the bias: per-candidate error terms of one column
@@ -343,44 +406,54 @@ class GramEval:
         self.H, self.Gs, self.u, self.ys, self.N = st["H"], st["Gs"], st["u"], st["ys"], st["N"]
         self.yy = st["yy"]
         self.b = bias
-        self.G = self.Gs - np.outer(bias, self.u)           # (Y* - b 1^T) Xq^T
+        # grouped layer: H (g, K, K), u (g, K) per group; urow = u of every row's group
+        self.grouped = self.H.ndim == 3
+        self.urow = group_rows_of(self.u, len(bias))
+        if self.grouped:
+            self.G = self.Gs - bias[:, None] * self.urow
+        else:
+            self.G = self.Gs - np.outer(bias, self.u)       # (Y* - b 1^T) Xq^T
         self.metric = metric
         self.HW = None
 
     def start_round(self, What):
-        self.HW = _mm(What, self.H)
+        self.HW = group_matmul(What, self.H)
 
     def update(self, cs, dz):
         """``What[:, cs]`` changed by ``dz``: keep the cached ``What H`` in step."""
-        self.HW += _mm(dz, self.H[cs, :])
+        self.HW += group_matmul(dz, self.H[..., cs, :])
 
     def energy(self, What):
         """Per row: ||y*_o - b_o||^2 + ||w^_o Xq||^2 (the scale of the rounding noise)."""
         r2 = self.yy - 2 * self.b * self.ys + self.N * self.b * self.b
-        return r2 + (What * _mm(What, self.H)).sum(1)
+        return r2 + (What * group_matmul(What, self.H)).sum(1)
 
     def totals(self, What):
         """(<Y*, Y^>, ||Y^||^2) of the current weights (cosine)."""
         A = float((What * self.Gs).sum() + (self.b * self.ys).sum())
-        Nn = float((What * self.HW).sum() + 2 * (self.b * (What * self.u).sum(1)).sum()
+        Nn = float((What * self.HW).sum() + 2 * (self.b * (What * self.urow).sum(1)).sum()
                    + self.N * (self.b * self.b).sum())
         return A, Nn
 
     def _terms(self, cs, Z, zc, rows_to_rb):
         """Row values of the z-dependent parts for all candidates Z (m x O x c)."""
-        Hjj = self.H[cs, cs]
-        rest = self.HW[:, cs] - _mm(zc, Hjj)                   # (H_{j,-j} w_{-j}) per row
+        Hjj = self.H[..., cs, cs]
+        rest = self.HW[:, cs] - group_matmul(zc, Hjj)          # (H_{j,-j} w_{-j}) per row
         m, O, c = Z.shape
         step = max(1, _CHUNK // max(1, O * c))
         quad = np.empty((m, O))
         for t0 in range(0, m, step):
             Zt = Z[t0:t0 + step]
-            quad[t0:t0 + step] = (_mm(Zt.reshape(-1, c), Hjj).reshape(Zt.shape) * Zt).sum(-1)
+            if self.grouped:
+                quad[t0:t0 + step] = (group_matmul(Zt, Hjj) * Zt).sum(-1)
+            else:
+                quad[t0:t0 + step] = (_mm(Zt.reshape(-1, c), Hjj).reshape(Zt.shape) * Zt).sum(-1)
         if self.metric == "euclidean":
             f = quad - 2.0 * (Z * (self.G[:, cs] - rest)).sum(-1)
             return (rows_to_rb(f),)
         pa = (Z * self.Gs[:, cs]).sum(-1)
-        pn = quad + 2.0 * (Z * (rest + np.outer(self.b, self.u[cs]))).sum(-1)
+        ub = (self.b[:, None] * self.urow[:, cs]) if self.grouped else np.outer(self.b, self.u[cs])
+        pn = quad + 2.0 * (Z * (rest + ub)).sum(-1)
         return rows_to_rb(pa), rows_to_rb(pn)
 
     def euclid(self, cs, Z, zc, rows_to_rb):
@@ -392,7 +465,8 @@ class GramEval:
 
 class DirectEval:
     """The evaluator of ``algorithm1`` on the samples (Eq. 6 literally, ``mode="direct"``):
-    per-candidate error terms of one column block from ``Xq`` and ``Y*``."""
+    per-candidate error terms of one column block from ``Xq`` and ``Y*`` (``Xq`` K x N, or
+    (g, K, N) per group for a grouped layer: row block g of W times ``Xq[g]``)."""
 
     def __init__(self, Xq: np.ndarray, Y: np.ndarray, bias: np.ndarray, metric: str):
         self.Xq, self.Y, self.b, self.metric = Xq, Y, bias, metric
@@ -404,33 +478,37 @@ class DirectEval:
     def update(self, cs, dz):
         pass                                            # What is shared with the search
 
+    def _mul(self, A, X):
+        return A @ X if X.ndim == 2 else group_matmul(A, X)
+
     def energy(self, What):
         R = self.Y - self.b[:, None]
-        P = What @ self.Xq
+        P = self._mul(What, self.Xq)
         return (R * R).sum(1) + (P * P).sum(1)
 
     def totals(self, What):
-        Yh = What @ self.Xq + self.b[:, None]
+        Yh = self._mul(What, self.Xq) + self.b[:, None]
         return float((self.Y * Yh).sum()), float((Yh * Yh).sum())
 
-    def _base(self, cs, zc):
-        return self.What @ self.Xq - zc @ self.Xq[cs] + self.b[:, None]     # block j removed
+    def _base(self, cs, zc):                                   # block j removed
+        return (self._mul(self.What, self.Xq) - self._mul(zc, self.Xq[..., cs, :])
+                + self.b[:, None])
 
     def euclid(self, cs, Z, zc, rows_to_rb):
         base = self._base(cs, zc)
-        Xj = self.Xq[cs]
+        Xj = self.Xq[..., cs, :]
         out = []
         for t in range(Z.shape[0]):
-            e = self.Y - (base + Z[t] @ Xj)
+            e = self.Y - (base + self._mul(Z[t], Xj))
             out.append(rows_to_rb((e * e).sum(1)[None])[0])
         return np.stack(out)
 
     def cosine(self, cs, Z, zc, rows_to_rb):
         base = self._base(cs, zc)
-        Xj = self.Xq[cs]
+        Xj = self.Xq[..., cs, :]
         pa, pn = [], []
         for t in range(Z.shape[0]):
-            Yh = base + Z[t] @ Xj
+            Yh = base + self._mul(Z[t], Xj)
             pa.append(rows_to_rb((self.Y * Yh).sum(1)[None])[0])
             pn.append(rows_to_rb((Yh * Yh).sum(1)[None])[0])
         return np.stack(pa), np.stack(pn)
@@ -477,7 +555,7 @@ def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, 
     match = cands == S0[None]
     cur_idx = np.where(match.any(0), match.argmax(0), -1)
     rb_of_row = grid.row_block_index()
-    rb_starts = np.arange(0, grid.O, grid.r)
+    rb_starts = grid.row_block_starts()
     nrb = grid.n_row_blocks
 
     def rows_to_rb(v):
@@ -544,7 +622,7 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
         raise ValueError(f"layer {layer.name}: ptqsl needs the float network's layer output")
     p = check_params(params)
     metric, t_start = p["metric"], time.perf_counter()
-    grid = gran.resolve(layer.O, layer.K)
+    grid = gran.resolve(layer.O, layer.K, layer.groups)
     sym = p["symmetric"]
     prob = LayerProblem(layer, x, target, a_bits, sym)
     W32 = layer.weight_matrix()
@@ -603,13 +681,11 @@ def mse_scales(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray,
     W = np.asarray(W, dtype=np.float64)
     lo, hi = qrange(w_bits, symmetric)
     S0 = max_scales(W, grid, w_bits)
-    rb_starts, cb_starts = np.arange(0, grid.O, grid.r), grid.col_bounds()[:-1]
 
     def tile_err(S):                                    # S: (m, nrb, ncb) -> (m, nrb, ncb)
-        Sx = np.repeat(np.repeat(S, grid.r, axis=1)[:, :grid.O], grid.c, axis=2)[:, :, :grid.K]
-        e = W[None] - fake_quant(W[None], Sx, lo, hi)
+        e = W[None] - fake_quant(W[None], grid.expand(S), lo, hi)
         e *= e
-        return np.add.reduceat(np.add.reduceat(e, rb_starts, axis=1), cb_starts, axis=2)
+        return grid.block_sum(e)
 
     e0 = tile_err(S0[None])[0]
     best_e = np.full(S0.shape, np.inf)
@@ -630,7 +706,7 @@ def mse_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_b
                a_bits: int, params: dict) -> LayerQuant:
     """Weight-only MSE search per tile; activation scale by max calibration."""
     p = check_params(params)
-    grid = gran.resolve(layer.O, layer.K)
+    grid = gran.resolve(layer.O, layer.K, layer.groups)
     S = mse_scales(layer.weight_matrix(), grid, w_bits, candidate_factors(p), p["symmetric"])
     act_scale = float(max_scale(float(x.abs().max()), a_bits))
     return LayerQuant(grid, S, act_scale, w_bits, a_bits, info={"method": "mse"},

@@ -163,19 +163,29 @@ class Granularity:
     def channelwise(cls) -> "Granularity":
         return cls("channelwise")
 
-    def resolve(self, O: int, K: int) -> "TileGrid":
-        """The tile grid of an O x K matrix (tile sizes larger than the matrix clamp to it)."""
+    def resolve(self, O: int, K: int, groups: int = 1) -> "TileGrid":
+        """The tile grid of an O x K matrix (tile sizes larger than the matrix clamp to it).
+
+        ``groups`` (a grouped convolution): the O x K matrix is ``groups`` matrices of
+        ``O/groups`` rows stacked along the rows, K their (common) column count; every group
+        is cut on its own (tile rows clamp to ``O/groups``, Method 2's ``c = ceil(K/m)`` of
+        the group's K). Layerwise stays one scale for the whole layer, channelwise one per row.
+        """
         O = _check_size(O, "O (rows)")
         K = _check_size(K, "K (columns)")
+        groups = _check_size(groups, "groups")
+        if O % groups:
+            raise ValueError(f"O={O} rows are not divisible by groups={groups}")
+        Og = O // groups
         if self.kind == "tile":
-            r, c = self.r, self.c
+            r, c = min(self.r, Og), self.c
         elif self.kind == "split":
-            r, c = self.r, math.ceil(K / min(self.m, K))
+            r, c = min(self.r, Og), math.ceil(K / min(self.m, K))
         elif self.kind == "layerwise":
             r, c = O, K
         else:
             r, c = 1, K
-        return TileGrid(O, K, min(r, O), min(c, K))
+        return TileGrid(O, K, min(r, O), min(c, K), groups)
 
     def label(self) -> str:
         if self.kind == "tile":
@@ -193,23 +203,89 @@ class TileGrid:
     """The concrete cut of an O x K matrix into tiles of r rows and c columns.
 
     Tiles on the bottom and right edges are smaller when r or c does not divide O or K.
-    The scale array of the layer has shape ``(ceil(O/r), ceil(K/c))``.
+    The scale array of the layer has shape ``(n_row_blocks, ceil(K/c))``.
+
+    ``groups`` (default 1): the matrix is a grouped convolution's ``groups`` matrices of
+    ``Og = O/groups`` rows and K columns stacked along the rows (PyTorch's
+    ``weight.reshape(O, -1)``); group g's rows multiply only its own K input columns, which
+    are columns ``g*K .. (g+1)*K`` of the layer input (``K_in = groups * K`` of them). Row
+    blocks restart at every group boundary: each group has ``ceil(Og/r)`` row blocks
+    (``r <= Og``), so no tile spans two groups. The one exception is the layerwise grid
+    ``r = O``: a single row block whose one scale is shared by all groups; its tiles as placed
+    on arrays are still cut at the group boundaries (``group_tiles``).
+    With ``groups = 1`` everything is as for a plain matrix.
     """
 
     O: int
     K: int
     r: int
     c: int
+    groups: int = 1
 
     def __post_init__(self):
-        for v, what in ((self.O, "O"), (self.K, "K"), (self.r, "r"), (self.c, "c")):
+        for v, what in ((self.O, "O"), (self.K, "K"), (self.r, "r"), (self.c, "c"),
+                        (self.groups, "groups")):
             _check_size(v, what)
         if self.r > self.O or self.c > self.K:
             raise ValueError(f"tile {self.r}x{self.c} larger than matrix {self.O}x{self.K}")
+        if self.O % self.groups:
+            raise ValueError(f"O={self.O} rows are not divisible by groups={self.groups}")
+        if self.r > self.Og and self.r != self.O:
+            raise ValueError(f"tile rows r={self.r} span two groups of {self.Og} rows "
+                             f"(groups={self.groups}); r must be <= {self.Og} or = O")
+
+    # -- groups --------------------------------------------------------------------------------
+    @property
+    def Og(self) -> int:
+        """Rows per group: ``O / groups``."""
+        return self.O // self.groups
 
     @property
+    def K_in(self) -> int:
+        """Columns of the layer input: ``groups * K``."""
+        return self.groups * self.K
+
+    @property
+    def shared(self) -> bool:
+        """True when one row block spans several groups (the layerwise grid of a grouped
+        layer: one scale shared by all groups)."""
+        return self.groups > 1 and self.r == self.O
+
+    @property
+    def group_r(self) -> int:
+        """Rows of a tile inside one group: ``min(r, Og)``."""
+        return min(self.r, self.Og)
+
+    @property
+    def blocks_per_group(self) -> int:
+        """Row blocks of one group (tiles as placed on arrays): ``ceil(Og / group_r)``."""
+        return -(-self.Og // self.group_r)
+
+    def group_rows(self, g: int) -> slice:
+        if not 0 <= g < self.groups:
+            raise IndexError(f"group {g} out of range 0..{self.groups - 1}")
+        return slice(g * self.Og, (g + 1) * self.Og)
+
+    def group_grid(self) -> "TileGrid":
+        """The grid of one group alone: ``Og x K`` with tiles of ``group_r x c``."""
+        return TileGrid(self.Og, self.K, self.group_r, self.c)
+
+    def group_scales(self, scales, g: int) -> np.ndarray:
+        """Group g's part of a ``shape`` scale array, as the ``group_grid().shape`` array."""
+        s = np.asarray(scales)
+        if s.shape != self.shape:
+            raise ValueError(f"scale array shape {s.shape} != grid shape {self.shape}")
+        if self.shared:
+            return np.repeat(s, self.blocks_per_group, axis=0)
+        b = self.blocks_per_group
+        return s[g * b:(g + 1) * b]
+
+    # -- blocks --------------------------------------------------------------------------------
+    @property
     def n_row_blocks(self) -> int:
-        return -(-self.O // self.r)
+        if self.shared:
+            return 1
+        return self.groups * self.blocks_per_group
 
     @property
     def n_col_blocks(self) -> int:
@@ -217,7 +293,7 @@ class TileGrid:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """Shape of the scale array: ``(ceil(O/r), ceil(K/c))``."""
+        """Shape of the scale array: ``(n_row_blocks, ceil(K/c))``."""
         return self.n_row_blocks, self.n_col_blocks
 
     @property
@@ -227,7 +303,11 @@ class TileGrid:
     def row_slice(self, i: int) -> slice:
         if not 0 <= i < self.n_row_blocks:
             raise IndexError(f"row block {i} out of range 0..{self.n_row_blocks - 1}")
-        return slice(i * self.r, min((i + 1) * self.r, self.O))
+        if self.shared:
+            return slice(0, self.O)
+        g, ii = divmod(i, self.blocks_per_group)
+        o0 = g * self.Og
+        return slice(o0 + ii * self.r, o0 + min((ii + 1) * self.r, self.Og))
 
     def col_slice(self, j: int) -> slice:
         if not 0 <= j < self.n_col_blocks:
@@ -239,32 +319,72 @@ class TileGrid:
         return self.row_slice(i), self.col_slice(j)
 
     def tiles(self):
-        """Iterate ``(i, j, rows, cols)`` over all tiles, row-block major."""
+        """Iterate ``(i, j, rows, cols)`` over all scale tiles, row-block major."""
         for i in range(self.n_row_blocks):
             for j in range(self.n_col_blocks):
                 yield (i, j) + self.tile_slices(i, j)
 
+    def group_tiles(self):
+        """Iterate ``(g, i, j, rows, cols)`` over the tiles as placed on arrays: those of
+        ``tiles`` cut at the group boundaries (the same unless ``shared``); ``i`` is the row
+        block (scale) the tile belongs to, ``rows`` lie inside group g."""
+        b, gr = self.blocks_per_group, self.group_r
+        for g in range(self.groups):
+            o0 = g * self.Og
+            for ii in range(b):
+                rows = slice(o0 + ii * gr, o0 + min((ii + 1) * gr, self.Og))
+                i = 0 if self.shared else g * b + ii
+                for j in range(self.n_col_blocks):
+                    yield g, i, j, rows, self.col_slice(j)
+
+    def row_block_starts(self) -> np.ndarray:
+        """The first row of every row block (int64, length n_row_blocks)."""
+        if self.shared:
+            return np.zeros(1, dtype=np.int64)
+        local = np.arange(0, self.Og, self.r, dtype=np.int64)
+        return (np.arange(self.groups, dtype=np.int64)[:, None] * self.Og
+                + local[None]).reshape(-1)
+
     def row_block_index(self) -> np.ndarray:
         """``i(o)`` for every row o: the row block it belongs to (int64, length O)."""
-        return np.arange(self.O, dtype=np.int64) // self.r
+        o = np.arange(self.O, dtype=np.int64)
+        if self.groups == 1:
+            return o // self.r
+        if self.shared:
+            return np.zeros(self.O, dtype=np.int64)
+        return (o // self.Og) * self.blocks_per_group + (o % self.Og) // self.r
+
+    def group_of_row(self) -> np.ndarray:
+        """The group of every row (int64, length O)."""
+        return np.arange(self.O, dtype=np.int64) // self.Og
 
     def col_bounds(self) -> np.ndarray:
         """Column boundaries ``[0, c, 2c, ..., K]`` (int64, length n_col_blocks + 1)."""
         return np.minimum(np.arange(self.n_col_blocks + 1, dtype=np.int64) * self.c, self.K)
 
     def expand(self, scales) -> np.ndarray:
-        """Broadcast a ``(ceil(O/r), ceil(K/c))`` scale array to the full O x K matrix."""
+        """Broadcast a ``shape`` scale array to the full O x K matrix; a leading stack
+        dimension (``(m,) + shape`` -> ``(m, O, K)``) is kept."""
         s = np.asarray(scales)
-        if s.shape != self.shape:
+        if s.shape[-2:] != self.shape or s.ndim not in (2, 3):
             raise ValueError(f"scale array shape {s.shape} != grid shape {self.shape}")
-        return np.repeat(np.repeat(s, self.r, axis=0)[: self.O], self.c, axis=1)[:, : self.K]
+        if self.groups == 1:
+            rows = np.repeat(s, self.r, axis=-2)[..., : self.O, :]
+        else:
+            rows = np.take(s, self.row_block_index(), axis=-2)
+        return np.repeat(rows, self.c, axis=-1)[..., : self.K]
+
+    def block_sum(self, v) -> np.ndarray:
+        """Sums of ``v`` (..., O, K) over every tile: (..., n_row_blocks, n_col_blocks)."""
+        rows = np.add.reduceat(v, self.row_block_starts(), axis=-2)
+        return np.add.reduceat(rows, self.col_bounds()[:-1], axis=-1)
 
     def block_absmax(self, w) -> np.ndarray:
-        """``max|W_ij|`` of every tile, shape ``(ceil(O/r), ceil(K/c))``."""
+        """``max|W_ij|`` of every tile, shape ``shape``."""
         w = np.abs(np.asarray(w, dtype=np.float64))
         if w.shape != (self.O, self.K):
             raise ValueError(f"matrix shape {w.shape} != grid {self.O}x{self.K}")
-        rows = np.maximum.reduceat(w, np.arange(0, self.O, self.r), axis=0)
+        rows = np.maximum.reduceat(w, self.row_block_starts(), axis=0)
         return np.maximum.reduceat(rows, self.col_bounds()[:-1], axis=1)
 
 

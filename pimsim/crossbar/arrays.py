@@ -35,6 +35,10 @@ Number representation
   are added in K order, giving the tile partial sum ``P_j[o, n]``. Finally
   ``y = f32(s_x * sum_j s_ij * P_j) + bias`` exactly as ``kernels.TiledGemm`` (its combine
   kernel), so with an ideal ADC the result equals ``TiledGemm`` bit for bit.
+- Grouped convolution (``grid.groups > 1``): each group is a ``CrossbarGemm`` of its own
+  (``parts``: its ``O/g`` rows, ``grid.group_grid()`` tiles, its K input columns, arrays
+  ``group_mapping()``); their partial sums fill the groups' rows of ``P`` and the rescale is
+  the layer's (same combine as ``TiledGemm``). Per-array ADC ranges are listed group by group.
 """
 
 from __future__ import annotations
@@ -95,9 +99,26 @@ class CrossbarGemm:
         self.lm = mapping if mapping is not None else map_layer(
             LayerSpec(name, grid.O, grid.K, grid, self.w_bits, self.a_bits), crossbar, strict=False)
         lm = self.lm
-        if (lm.O, lm.K, lm.r, lm.c) != (grid.O, grid.K, grid.r, grid.c):
-            raise ValueError(f"layer {name}: mapping {lm.O}x{lm.K} tiles {lm.r}x{lm.c} != grid")
+        if (lm.O, lm.K, lm.r, lm.c, lm.groups) != (grid.O, grid.K, grid.r, grid.c, grid.groups):
+            raise ValueError(f"layer {name}: mapping {lm.O}x{lm.K} tiles {lm.r}x{lm.c} "
+                             f"groups={lm.groups} != grid")
         self.grid, self.name, self.shortcut = grid, name, shortcut
+        self.parts = None
+        if grid.groups > 1:
+            # a grouped layer: every group on arrays of its own (its own CrossbarGemm on its
+            # rows, tiles and inputs); the partial sums are put together and rescaled here
+            gm = lm.group_mapping()
+            self.parts = [CrossbarGemm(wq[grid.group_rows(g)], grid.group_grid(),
+                                       grid.group_scales(scales, g), crossbar, self.w_bits,
+                                       self.a_bits, mapping=gm, name=f"{name} group {g}",
+                                       shortcut=False) for g in range(grid.groups)]
+            self.n_arrays = lm.segments * lm.arrays_per_segment
+            self.ranges = None
+            self.recording = False
+            self.seen = np.zeros(self.n_arrays, dtype=np.int64)
+            self._set_tables()
+            self.reset_stats()
+            return
         self.seg_bounds = np.asarray(lm.seg_bounds, dtype=np.int64)
         self.seg_col = np.searchsorted(grid.col_bounds(), self.seg_bounds[:-1], side="right") - 1
         self.words = -(-crossbar.rows // 64)
@@ -120,6 +141,15 @@ class CrossbarGemm:
 
     # -- ADC ranges ----------------------------------------------------------------------------
     def _set_tables(self):
+        if self.parts is not None:
+            per = self.n_arrays // len(self.parts)
+            for g, p in enumerate(self.parts):
+                p.recording = self.recording
+                p.ranges = None if self.ranges is None else self.ranges[g * per:(g + 1) * per]
+                p._set_tables()
+            self._parts_recording = self.recording
+            self.thr = None if any(p.thr is None for p in self.parts) else True
+            return
         ideal = self.recording or self.crossbar.adc_bits == 0
         if not ideal and self.crossbar.adc_range == "calibrated" and self.ranges is None:
             self.thr = None                  # until fitted
@@ -140,10 +170,14 @@ class CrossbarGemm:
         """Record the largest column sum per array over the next calls (ideal ADC meanwhile)."""
         self.recording = True
         self.seen[:] = 0
+        for p in self.parts or ():
+            p.seen[:] = 0
         self._set_tables()
 
     def finish_fit(self) -> np.ndarray:
         """Stop recording; the recorded maxima (at least 1) become the ADC ranges."""
+        if self.parts is not None:
+            self.seen = np.concatenate([p.seen for p in self.parts])
         self.recording = False
         self.set_ranges(np.maximum(self.seen, 1))
         return self.ranges
@@ -165,6 +199,8 @@ class CrossbarGemm:
     def _psums(self, x: np.ndarray, passes: int) -> np.ndarray:
         """Partial sums P (J, nb, O) float64 of the input rows ``x`` (nb x K) on the arrays."""
         from .. import array_kernels as ak
+        if self.parts is not None:
+            return self._group_psums(x, passes)
         if self.thr is None:
             raise ValueError(f"layer {self.name}: adc_range calibrated: fit the ranges first "
                              "(start_fit / finish_fit on the calibration batch)")
@@ -189,6 +225,24 @@ class CrossbarGemm:
         self.clipped += int(clip.sum())
         return P
 
+    def _group_psums(self, x: np.ndarray, passes: int) -> np.ndarray:
+        """Grouped layer: each group's partial sums on its own arrays from its own K inputs."""
+        if self._parts_recording != self.recording:     # recording switched from outside
+            self._set_tables()
+        if self.thr is None:
+            raise ValueError(f"layer {self.name}: adc_range calibrated: fit the ranges first "
+                             "(start_fit / finish_fit on the calibration batch)")
+        g = self.grid
+        P = np.empty((g.n_col_blocks, x.shape[0], g.O), dtype=np.float64)
+        for gi, p in enumerate(self.parts):
+            xg = np.ascontiguousarray(x[:, gi * g.K:(gi + 1) * g.K])
+            P[:, :, g.group_rows(gi)] = p._psums(xg, passes)
+            self.clipped += p.clipped
+            p.clipped = 0
+        if self.recording:
+            self.seen = np.concatenate([p.seen for p in self.parts])
+        return P
+
     def _run(self, N, rows, passes, sx, b, y):
         t = self.tiled
         self.conversions += adc_conversions(self.lm, N, passes)
@@ -208,8 +262,8 @@ class CrossbarGemm:
         t = self.tiled
         sx, b = t.check_act_scale(act_scale), t.check_bias(bias)
         x = xq.numpy() if hasattr(xq, "numpy") else np.asarray(xq)
-        if x.ndim != 2 or x.shape[1] != self.grid.K:
-            raise ValueError(f"input must be N x K with K={self.grid.K}, got shape {x.shape}")
+        if x.ndim != 2 or x.shape[1] != self.grid.K_in:
+            raise ValueError(f"input must be N x K with K={self.grid.K_in}, got shape {x.shape}")
         passes = self._passes(x) if x.size else 1
         if self.ideal and self.shortcut and not self.recording:
             self.conversions += adc_conversions(self.lm, x.shape[0], passes)

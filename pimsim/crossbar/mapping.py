@@ -29,6 +29,15 @@ An array has ``rows`` word lines (inputs) and ``cols`` bit lines (outputs); a ce
   must fit one array (``c <= rows`` and ``r * cols_per_weight + ref_cols <= cols``).
   ``quant.tile: crossbar`` is ``Crossbar.tile_for(w_bits)``: ``c = rows``,
   ``r = (cols - ref_cols) // cols_per_weight``.
+- Grouped convolution (``TileGrid.groups = g > 1``): every group is an ``O/g x K`` matrix with
+  its own inputs, so each group is placed by the rule above on arrays of its own (its tiles
+  are ``grid.group_tiles()``: a tile never spans two groups; the layerwise grid's one shared
+  scale is cut at the group boundaries too). All groups have the same shape, so the layer's
+  counts are g times those of one group (``LayerMapping.group_mapping``): ``segments``,
+  ``arrays``, ``used_cells``, ``total_cells``; ``seg_bounds`` are those of one group (within
+  its K columns) and ``used_columns = segments * (O/g * cols_per_weight + ref_cols *
+  arrays_per_segment)``. Several small groups are not packed onto one array (a depthwise
+  3x3 layer takes ``g`` arrays): the simple, conservative placement.
 
 
 ADC conversions
@@ -44,7 +53,7 @@ arrays_per_segment)`` conversions (``adc_conversions``; ``vectors`` = output pix
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -90,13 +99,25 @@ class LayerMapping:
     slices: int = 1
     input_cycles: int = 1
     seg_bounds: tuple = field(default=(), repr=False)   # K boundaries of the segments
+    groups: int = 1                   # grouped conv: counts are groups x those of one group
 
     @property
     def used_columns(self) -> int:
         """Bit lines converted by the ADCs in one cycle of all the layer's arrays:
-        ``segments * (O * cols_per_weight + ref_cols * arrays_per_segment)``."""
-        return self.segments * (self.O * self.cols_per_weight
+        ``segments * (O/groups * cols_per_weight + ref_cols * arrays_per_segment)``."""
+        return self.segments * (self.O // self.groups * self.cols_per_weight
                                 + self.ref_cols * self.arrays_per_segment)
+
+    def group_mapping(self) -> "LayerMapping":
+        """The placement of one group alone (``self`` when ``groups == 1``)."""
+        g = self.groups
+        if g == 1:
+            return self
+        Og = self.O // g
+        r = min(self.r, Og)
+        return replace(self, O=Og, r=r, row_blocks=-(-Og // r), arrays=self.arrays // g,
+                       segments=self.segments // g, used_cells=self.used_cells // g,
+                       total_cells=self.total_cells // g, groups=1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,7 +126,10 @@ class LayerMapping:
 
     def column_arrays(self, crossbar: Crossbar) -> np.ndarray:
         """Array index (0..arrays_per_segment-1, within a segment) of every bit line used by
-        the layer's weights: int64 (O, cols_per_weight)."""
+        the layer's weights: int64 (O, cols_per_weight) (grouped: of one group, (O/groups,
+        cols_per_weight), the same for every group)."""
+        if self.groups > 1:
+            return self.group_mapping().column_arrays(crossbar)
         cpw, ref = self.cols_per_weight, self.ref_cols
         avail = crossbar.cols - ref
         out = np.empty((self.O, cpw), dtype=np.int64)
@@ -137,6 +161,13 @@ def map_layer(spec: LayerSpec, crossbar: Crossbar, strict: bool = True) -> Layer
     g = spec.grid
     if (g.O, g.K) != (spec.O, spec.K):
         raise ValueError(f"layer {spec.name}: grid {g.O}x{g.K} != layer {spec.O}x{spec.K}")
+    if g.groups > 1:
+        one = map_layer(LayerSpec(spec.name, g.Og, spec.K, g.group_grid(), spec.w_bits,
+                                  spec.a_bits, spec.granularity), crossbar, strict)
+        n = g.groups
+        return replace(one, O=spec.O, r=g.r, row_blocks=g.n_row_blocks, arrays=n * one.arrays,
+                       segments=n * one.segments, used_cells=n * one.used_cells,
+                       total_cells=n * one.total_cells, groups=n)
     problem = crossbar.weight_problem(spec.w_bits)
     if problem:
         raise ValueError(f"layer {spec.name}: {problem}")

@@ -9,6 +9,13 @@ x 1 tensor (after global pooling). A ``GemmLayer`` *produces* the group of its o
 *consumes* the group of its input. Anything else that touches a tensor (channel pad as in the
 CIFAR ResNet option-A shortcut, ``cat``, other views, the network input and output, constants)
 FREEZES its groups: they keep the identity order, and ``describe_groups`` says why.
+Grouped convolutions: a depthwise conv with one output per channel (``groups = in_channels
+= out_channels``) computes output channel i from input channel i alone, so it ties its input
+and output into one group, like an elementwise op; it is a producer of that group (its
+filters and bias move with the order) but not a consumer (no im2col column moves: each
+filter reads its own channel wherever it sits). Any other grouped conv (fewer groups, or a
+channel multiplier) FREEZES its input and its output: a permutation would have to keep every
+channel inside its group and the groups' orders consistent with each other.
 A free group's order ``p`` (new channel i = old channel p[i]) permutes the output rows and bias
 of every producer and the input channels of every consumer (for a conv, whole kh*kw column
 groups of the im2col matrix: ``weight[:, p]``). The float network's function is unchanged.
@@ -184,6 +191,15 @@ def find_groups(net: Network, example: torch.Tensor | None = None) -> list[PermG
         if isinstance(mod, GemmLayer):
             producer_of[node] = mod.name
             src = node.args[0]
+            if getattr(mod, "groups", 1) > 1:
+                if mod.groups == mod.in_channels == mod.O and _is_tensor(src):
+                    uf.union(node, src)         # depthwise: channel i -> channel i
+                else:
+                    why = f"grouped convolution {mod.name!r} (groups={mod.groups})"
+                    if _is_tensor(src):
+                        freeze(src, f"input of {why}")
+                    freeze(node, f"output of {why}")
+                continue
             if _is_tensor(src):
                 consumers.append((src, mod.name))
                 if mod.kind == "linear" and len(_shape(src)) != 2:

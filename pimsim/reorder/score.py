@@ -22,7 +22,7 @@ import torch
 
 from ..network import GemmLayer
 from ..ptqsl import (GramEval, LayerProblem, algorithm1, candidate_factors, check_params,
-                     fake_quant, search_act_scale)
+                     fake_quant, group_matmul, group_rows_of, search_act_scale)
 from ..quant import Granularity, max_scale, qrange
 from .permute import Reorderer, column_index
 
@@ -30,8 +30,27 @@ from .permute import Reorderer, column_index
 def permute_stats(st: dict, bias: np.ndarray, rows, cols) -> tuple[dict, np.ndarray]:
     """Gram statistics (``LayerProblem.gram_stats``) and bias of the layer whose output rows
     are reordered by ``rows`` and im2col columns by ``cols`` (None: unchanged):
-    ``H -> P H P^T``, ``Gs -> P_r Gs P^T``, ``u -> P u``, ``ys, yy, b -> P_r (.)``."""
+    ``H -> P H P^T``, ``Gs -> P_r Gs P^T``, ``u -> P u``, ``ys, yy, b -> P_r (.)``.
+    Grouped layer (per-group ``H`` (g, K, K), ``u`` (g, K)): ``rows`` must move whole groups
+    (as a depthwise layer's rows do), which then take their ``H`` and ``u`` along; its
+    columns are never reordered (``pimsim.reorder.groups``)."""
     H, Gs, u, ys, yy = st["H"], st["Gs"], st["u"], st["ys"], st["yy"]
+    if H.ndim == 3:
+        if cols is not None:
+            raise ValueError("the input columns of a grouped layer are not reordered")
+        if rows is not None:
+            g = H.shape[0]
+            og = len(rows) // g
+            gorder = np.asarray(rows)[::og] // og
+            if not np.array_equal(np.asarray(rows), (gorder[:, None] * og
+                                                     + np.arange(og)).reshape(-1)):
+                raise ValueError("a grouped layer's rows can only be reordered by whole groups")
+            H, u = H[gorder], u[gorder]
+        out = {"H": H, "Gs": Gs, "u": u, "ys": ys, "yy": yy, "N": st["N"], "groups": H.shape[0]}
+        if rows is not None:
+            out.update(Gs=Gs[rows], ys=ys[rows], yy=yy[rows])
+            bias = bias[rows]
+        return out, bias
     if cols is not None:
         H = H[np.ix_(cols, cols)]
         Gs = Gs[:, cols]
@@ -44,8 +63,13 @@ def permute_stats(st: dict, bias: np.ndarray, rows, cols) -> tuple[dict, np.ndar
 def gram_error(W_hat: np.ndarray, st: dict, bias: np.ndarray) -> float:
     """``||Y* - W^ Xq - b 1^T||`` (Euclidean, over all samples) from the Gram statistics."""
     r2 = st["yy"] - 2 * bias * st["ys"] + st["N"] * bias * bias
-    G = st["Gs"] - np.outer(bias, st["u"])
-    e2 = float(r2.sum() - 2 * (W_hat * G).sum() + (W_hat * (W_hat @ st["H"])).sum())
+    if st["H"].ndim == 3:                               # grouped: per-group H and u
+        G = st["Gs"] - bias[:, None] * group_rows_of(st["u"], len(bias))
+        WH = group_matmul(W_hat, st["H"])
+    else:
+        G = st["Gs"] - np.outer(bias, st["u"])
+        WH = W_hat @ st["H"]
+    e2 = float(r2.sum() - 2 * (W_hat * G).sum() + (W_hat * WH).sum())
     return math.sqrt(max(e2, 0.0))
 
 
@@ -66,8 +90,9 @@ class LayerScorer:
     def __init__(self, layer: GemmLayer, x: torch.Tensor, target: torch.Tensor,
                  gran: Granularity, w_bits: int, a_bits: int, params: dict | None = None):
         p = check_params({**(params or {}), "metric": "euclidean", "mode": "gram"})
-        self.name, self.kk = layer.name, layer.K // layer.in_channels  # im2col columns / channel
-        self.grid = gran.resolve(layer.O, layer.K)
+        # im2col columns per input channel (a grouped layer has in_channels / groups of them)
+        self.name, self.kk = layer.name, layer.K * layer.groups // layer.in_channels
+        self.grid = gran.resolve(layer.O, layer.K, layer.groups)
         self.w_bits, self.rounds, self.symmetric = w_bits, p["rounds"], p["symmetric"]
         self.factors = candidate_factors(p)
         prob = LayerProblem(layer, x, target, a_bits, self.symmetric)
