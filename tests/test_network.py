@@ -679,10 +679,17 @@ class _SharedLinear(nn.Module):
         return self.fc(self.fc(self.conv(x).mean((2, 3))))
 
 
-def test_unsupported_grouped_conv_names_module_path():
-    with pytest.raises(UnsupportedModelError, match=r"body\.1") as e:
-        build_network(_Grouped())
-    assert "group" in str(e.value)
+def test_grouped_conv_is_mapped_with_its_groups_and_runs_as_torch():
+    """Grouped convolution is supported now (tests/test_grouped.py covers the backends): the
+    layer keeps groups=2, K = Cin/2 * 3 * 3, and the float network equals the torch model."""
+    torch.manual_seed(0)
+    model = _Grouped().eval()
+    net = build_network(model)
+    layer = net.layer("body.1")
+    assert layer.groups == 2 and layer.K == 2 * 3 * 3
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(net(x), model(x), atol=1e-6)
 
 
 def test_conv1d_is_listed_digital_and_refused_when_strict():

@@ -92,12 +92,12 @@ def fake_root(tmp_path_factory):
 def test_run_keeps_the_callers_thread_counts(fake_root, monkeypatch):
     before = _start_with_two()
     seen = []
-    evaluate = simulate.evaluate
+    evaluate = simulate.evaluate_dataset
 
     def counting(*a, **k):                    # the counts while the run evaluates
         seen.append(_counts())
         return evaluate(*a, **k)
-    monkeypatch.setattr(simulate, "evaluate", counting)
+    monkeypatch.setattr(simulate, "evaluate_dataset", counting)
     res = simulate.run(validate(QUICK), data_dir=fake_root, progress=False)
     assert _counts() == before                # the caller's counts are back
     assert res["threads"] == 1 and res["config"]["eval"]["threads"] == 1
