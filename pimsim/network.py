@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .backends import backend_names, build_backend
 from .kernels import conv_out_hw
-from .quant import TileGrid, qrange, quantize_weight
+from .quant import TileGrid, act_qrange, quantize_weight
 
 DEFAULT_QUANT_MODE = "kernel"       # the mode a float layer switches to when it is quantized
 
@@ -110,6 +110,7 @@ class LayerQuant:
     clamp: object = None            # per-tile partial-sum limit (ADC range) or None
     info: dict = field(default_factory=dict)
     symmetric: bool = False         # integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)
+    act_unsigned: bool = False      # activations in [0, 2^b - 1] (quant.act_signed unsigned/auto)
 
     def weight_int(self, w: np.ndarray) -> np.ndarray:
         """The layer's integer weights under this quantization."""
@@ -286,9 +287,10 @@ class GemmLayer(nn.Module):
         self.set_backend("crossbar", crossbar=crossbar, mapping=mapping)
 
     def quantize_input(self, x: torch.Tensor, act_scale: float | None = None) -> torch.Tensor:
-        """Integer-valued float32 activations ``clamp(round(x / s_x))`` (Eq. 1)."""
+        """Integer-valued float32 activations ``clamp(round(x / s_x))`` (Eq. 1), in
+        ``act_qrange`` (unsigned ``[0, 2^b - 1]`` when ``quant.act_unsigned``)."""
         q = self.quant
-        lo, hi = qrange(q.a_bits, q.symmetric)
+        lo, hi = act_qrange(q.a_bits, q.symmetric, q.act_unsigned)
         s = q.act_scale if act_scale is None else act_scale
         return torch.div(x, s).round_().clamp_(lo, hi)
 

@@ -131,7 +131,8 @@ def quantize_network(prep: Prepared, progress: bool = True,
                      cfg["quant.act_bits"], method=cfg["quant.calibration"],
                      float_layers=cfg["quant.float_layers"], progress=progress,
                      params=calibration_params(cfg),
-                     symmetric=symmetric_range(cfg) if symmetric is None else symmetric)
+                     symmetric=symmetric_range(cfg) if symmetric is None else symmetric,
+                     act_signed=cfg["quant.act_signed"])
 
 
 def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
@@ -164,11 +165,12 @@ def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
 
 
 def layer_table(net: Network) -> list[dict]:
-    """One entry per quantized layer: name, O, K, tile (r, c), number of scales and whether its
-    integers use the symmetric (crossbar) range."""
+    """One entry per quantized layer: name, O, K, tile (r, c), number of scales, whether its
+    integers use the symmetric (crossbar) range and whether its input is unsigned."""
     keys = ("err_max", "err", "rounds", "fallback")
     return [{"name": l.name, "O": l.O, "K": l.K, "tile": [l.quant.grid.r, l.quant.grid.c],
              "scales": int(l.quant.grid.n_tiles), "symmetric": bool(l.quant.symmetric),
+             "act_unsigned": bool(l.quant.act_unsigned),
              "calib": {k: l.quant.info[k] for k in keys if k in l.quant.info}}
             for l in net.quantized_layers]
 

@@ -21,7 +21,7 @@ class CrossbarBackend(IntegerBackend):
         if q is None or not q.symmetric:
             raise ValueError(f"layer {layer.name}: crossbar mode needs a symmetric quantization")
         self.op = CrossbarGemm(layer.wq, q.grid, q.w_scales, crossbar, q.w_bits, q.a_bits,
-                               mapping=mapping, name=layer.name)
+                               mapping=mapping, name=layer.name, a_unsigned=q.act_unsigned)
 
     def gemm(self, xq, act_scale, bias):
         return self.op(xq, act_scale, bias=bias)

@@ -45,7 +45,9 @@ ADC conversions
 In every DAC cycle every used bit line of every array is converted once (weight slices and
 reference columns). An input vector is applied in ``input_cycles`` cycles per sign pass (1
 pass for non-negative inputs, 2 when the positive and the negative part are applied) to every
-segment, and a segment's arrays hold ``O * cols_per_weight + ref_cols * arrays_per_segment``
+segment (``input_cycles = ceil((a_bits - 1) / dac_bits)`` for signed inputs, whose magnitude
+has a_bits - 1 bits; ``ceil(a_bits / dac_bits)`` for unsigned ones, ``a_unsigned``:
+``quant.act_signed`` unsigned / auto, always one pass), and a segment's arrays hold ``O * cols_per_weight + ref_cols * arrays_per_segment``
 used bit lines, so a layer makes
 ``vectors * passes * input_cycles * segments * (O * cols_per_weight + ref_cols *
 arrays_per_segment)`` conversions (``adc_conversions``; ``vectors`` = output pixels x images).
@@ -72,6 +74,7 @@ class LayerSpec:
     w_bits: int
     a_bits: int
     granularity: Granularity | None = None
+    a_unsigned: bool = False          # inputs in [0, 2^a - 1]: one pass of a_bits magnitude bits
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class LayerMapping:
     input_cycles: int = 1
     seg_bounds: tuple = field(default=(), repr=False)   # K boundaries of the segments
     groups: int = 1                   # grouped conv: counts are groups x those of one group
+    a_unsigned: bool = False          # unsigned inputs (quant.act_signed): one sign pass
 
     @property
     def used_columns(self) -> int:
@@ -163,7 +167,8 @@ def map_layer(spec: LayerSpec, crossbar: Crossbar, strict: bool = True) -> Layer
         raise ValueError(f"layer {spec.name}: grid {g.O}x{g.K} != layer {spec.O}x{spec.K}")
     if g.groups > 1:
         one = map_layer(LayerSpec(spec.name, g.Og, spec.K, g.group_grid(), spec.w_bits,
-                                  spec.a_bits, spec.granularity), crossbar, strict)
+                                  spec.a_bits, spec.granularity, spec.a_unsigned), crossbar,
+                        strict)
         n = g.groups
         return replace(one, O=spec.O, r=g.r, row_blocks=g.n_row_blocks, arrays=n * one.arrays,
                        segments=n * one.segments, used_cells=n * one.used_cells,
@@ -198,8 +203,9 @@ def map_layer(spec: LayerSpec, crossbar: Crossbar, strict: bool = True) -> Layer
         col_blocks=g.n_col_blocks, arrays=arrays, cols_per_weight=cpw, used_cells=used,
         total_cells=total, utilization=used / total, w_bits=spec.w_bits, a_bits=spec.a_bits,
         segments=segments, row_blocks_per_array=per, arrays_per_segment=per_seg, ref_cols=ref,
-        slices=crossbar.slices(spec.w_bits), input_cycles=crossbar.input_cycles(spec.a_bits),
-        seg_bounds=tuple(bounds))
+        slices=crossbar.slices(spec.w_bits),
+        input_cycles=crossbar.input_cycles(spec.a_bits, spec.a_unsigned),
+        seg_bounds=tuple(bounds), a_unsigned=bool(spec.a_unsigned))
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,8 @@ class Mapping:
         out = []
         for s in specs:
             if s.granularity is None and granularity is not None:
-                s = LayerSpec(s.name, s.O, s.K, s.grid, s.w_bits, s.a_bits, granularity)
+                s = LayerSpec(s.name, s.O, s.K, s.grid, s.w_bits, s.a_bits, granularity,
+                              s.a_unsigned)
             out.append(map_layer(s, crossbar, strict))
         return cls(crossbar, tuple(out))
 
@@ -242,8 +249,8 @@ class Mapping:
     def from_network(cls, net, crossbar: Crossbar, strict: bool = True,
                      granularity: Granularity | None = None) -> "Mapping":
         """Map the quantized layers (``.quant`` set) of a ``pimsim.network.Network``."""
-        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits)
-                 for l in net.quantized_layers]
+        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits,
+                           a_unsigned=l.quant.act_unsigned) for l in net.quantized_layers]
         return cls.from_layers(specs, crossbar, strict, granularity)
 
     def layer(self, name: str) -> LayerMapping:
