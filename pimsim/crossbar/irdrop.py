@@ -209,7 +209,13 @@ def level_sums(x, levels, cell_bits: int, g_min: float, wire_r, method: str = "l
     currents ``x @ T`` (decoupled line model), minus the ``g_min`` offset current the ideal
     array would carry, ``g_min * sum_i x_i``, rescaled to levels. Equals ``x @ levels`` exactly
     when ``wire_r = 0`` and ``g_min = 0`` (up to the float rescale: returned as ``x @ levels``
-    itself then). ``x``: (N, R) non-negative input cycle values; ``levels``: (R, C) integers."""
+    itself then). ``x``: (N, R) non-negative input cycle values (DAC codes, a linear DAC: the
+    word-line voltage is proportional to the code); ``levels``: (R, C) integers of the WHOLE
+    physical array, every column it holds (all weight slices, both columns of a differential
+    pair, the reference columns) and unused cells at level 0, because every cell on a line
+    loads that line; read only the columns you need from the result. ``T`` depends only on
+    ``levels``: a backend computing many cycles on one array should build
+    ``effective_conductance`` (or ``exact_conductance``) once and reuse it."""
     levels = np.asarray(levels)
     if not 0.0 <= float(g_min) < 1.0:
         raise ValueError(f"irdrop: g_min must be in [0, 1), got {g_min!r}")
