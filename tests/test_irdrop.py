@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pimsim.crossbar import irdrop
-from pimsim.crossbar.irdrop import (column_currents, effective_conductance, exact_conductance,
-                                    level_sums, line_profile, solve_exact)
+from pimsim.crossbar.irdrop import (column_currents, cross_correction, effective_conductance,
+                                    exact_conductance, level_sums, line_profile, solve_exact)
 
 
 def series(*conductances):
@@ -134,6 +134,7 @@ def test_zero_wire_resistance_is_the_ideal_product_bit_for_bit():
     v = rng.integers(0, 2, (6, 17)).astype(np.float64)
     ideal = v @ G
     assert np.array_equal(column_currents(v, G, 0.0), ideal)
+    assert np.array_equal(column_currents(v, G, 0.0, method="decoupled"), ideal)
     assert np.array_equal(solve_exact(v, G, 0.0), ideal)
     # and the solve is continuous there (the recursion is scaled by wire_r)
     np.testing.assert_allclose(solve_exact(v, G, 1e-12), ideal, rtol=1e-9)
@@ -145,7 +146,11 @@ def test_zero_conductance_gives_zero_current():
     assert np.array_equal(column_currents(v, np.zeros((4, 5)), 0.1), np.zeros((3, 5)))
 
 
-@pytest.mark.parametrize("fn", [exact_conductance, effective_conductance])
+def _decoupled(G, x):
+    return effective_conductance(G, x, "decoupled")
+
+
+@pytest.mark.parametrize("fn", [exact_conductance, effective_conductance, _decoupled])
 def test_reciprocity_symmetry(fn):
     # Swapping the roles of word and bit lines (drivers <-> sense ends) is the array
     # G' = G[::-1, ::-1].T; by reciprocity T(G') = T(G)[::-1, ::-1].T.
@@ -189,27 +194,59 @@ def test_line_profile_against_dense_tridiagonal_solve():
         np.testing.assert_allclose(got[l], np.linalg.solve(M, np.eye(7)[0]), rtol=1e-13)
 
 
-def test_fast_model_is_exact_to_first_order():
-    # T_lines - T_exact = O(wire_r^2): halving wire_r quarters the difference, while the IR
-    # drop itself (ideal - exact) only halves.
+def test_fast_models_orders_of_accuracy():
+    # The IR drop (ideal - exact) is first order in wire_r: halving wire_r halves it. The
+    # decoupled model is exact to first order (its error quarters), the coupled model through
+    # third order (its error drops 16-fold).
     rng = np.random.default_rng(7)
     G = rng.uniform(0, 1, (12, 10))
-    e1, e2 = exact_conductance(G, 2e-4), exact_conductance(G, 1e-4)
-    d1 = np.abs(effective_conductance(G, 2e-4) - e1).max()
-    d2 = np.abs(effective_conductance(G, 1e-4) - e2).max()
-    assert d1 / d2 == pytest.approx(4.0, rel=0.05)
+    e1, e2 = exact_conductance(G, 1e-4), exact_conductance(G, 5e-5)
     assert np.abs(G - e1).max() / np.abs(G - e2).max() == pytest.approx(2.0, rel=0.05)
+    for method, ratio in (("decoupled", 4.0), ("coupled", 16.0)):
+        d1 = np.abs(effective_conductance(G, 1e-4, method) - e1).max()
+        d2 = np.abs(effective_conductance(G, 5e-5, method) - e2).max()
+        assert d1 / d2 == pytest.approx(ratio, rel=0.05), method
 
 
-def test_fast_model_error_small_against_the_drop():
+def _green(g, x):
+    """Dense Green's functions x (L + x diag g_l)^-1 of lines (lines, n), node 0 driven."""
+    n = g.shape[1]
+    lap = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    lap[-1, -1] = 1
+    return np.stack([x * np.linalg.inv(lap + x * np.diag(row)) for row in g])
+
+
+def test_cross_correction_against_dense_greens_functions():
+    # dT_kj' = sum_i sum_j J_kj Zb_j[i, k] G_ij Zw_i[j', j] G_ij' k_ij' with dense inverses
+    rng = np.random.default_rng(10)
+    R, C, x = 7, 5, 0.02
+    G = rng.uniform(0, 1, (R, C))
+    a = line_profile(G, x)
+    kf = line_profile(G.T[:, ::-1], x)[:, ::-1].T
+    Zw = _green(G, x)                                    # (i, j', j)
+    Zb = _green(G.T[:, ::-1], x)[:, ::-1, ::-1]          # (j, i, k) in array row order
+    want = np.zeros((R, C))
+    for k in range(R):
+        for jp in range(C):
+            want[k, jp] = sum(G[k, j] * a[k, j] * Zb[j, i, k] * G[i, j] * Zw[i, jp, j]
+                              * G[i, jp] * kf[i, jp] for i in range(R) for j in range(C))
+    np.testing.assert_allclose(cross_correction(G, x), want, rtol=1e-12)
+    # chunked over the inputs k the same
+    np.testing.assert_allclose(cross_correction(G, x, chunk_elems=1), want, rtol=1e-12)
+    assert np.array_equal(cross_correction(G, 0.0), np.zeros((R, C)))
+
+
+def test_fast_models_error_small_against_the_drop():
     rng = np.random.default_rng(8)
     G = rng.choice([0.01, 0.34, 0.67, 1.0], (32, 32))
     v = rng.integers(0, 2, (20, 32)).astype(np.float64)
     x = 1e-4
     exact = solve_exact(v, G, x)
     drop = np.abs(v @ G - exact).max()
-    err = np.abs(column_currents(v, G, x) - exact).max()
-    assert 0 < err < 0.05 * drop
+    dec = np.abs(column_currents(v, G, x, method="decoupled") - exact).max()
+    cpl = np.abs(column_currents(v, G, x) - exact).max()
+    assert 0 < dec < 0.05 * drop
+    assert 0 < cpl < 0.01 * dec
     np.testing.assert_allclose(column_currents(v, G, x, method="exact"), exact, rtol=1e-12)
 
 
@@ -234,7 +271,7 @@ def test_level_sums():
     (lambda: column_currents(np.ones(4), np.ones((3, 2)), 1e-3), r"v must have shape \(3,\) or \(N, 3\)"),
     (lambda: solve_exact(np.ones(3), np.ones(3), 1e-3), "G must be a 2-D"),
     (lambda: column_currents(np.ones(3), -np.ones((3, 2)), 1e-3), "finite and >= 0"),
-    (lambda: effective_conductance(np.ones((3, 2)), 1e-3, method="spice"), "method must be one of lines, exact"),
+    (lambda: effective_conductance(np.ones((3, 2)), 1e-3, method="spice"), "method must be one of decoupled, coupled, exact"),
     (lambda: level_sums(np.ones((1, 3)), np.ones((3, 2)), 2, 1.0, 0.0), r"g_min must be in \[0, 1\)"),
 ])
 def test_bad_input_one_line_errors(call, match):

@@ -1,5 +1,5 @@
-"""Wire resistance (IR drop) of a resistive crossbar: the exact nodal solve and the fast
-"decoupled line" model used in runs.
+"""Wire resistance (IR drop) of a resistive crossbar: the exact nodal solve and the fast line
+models used in runs.
 
 Physical model
 --------------
@@ -39,9 +39,9 @@ needed because only the last row's bit-line nodes are sensed). Cost ``O(R C^3)``
 ``O(C^2)``: a 256 x 256 array (131,072 unknowns) takes seconds in float64 with NumPy's
 LAPACK, no sparse solver needed (SciPy is not a pimsim dependency). This is the reference.
 
-The fast model (``column_currents``, ``effective_conductance``)
----------------------------------------------------------------
-Each line is solved exactly on its own, with the other set of lines at 0 V:
+The fast models (``column_currents``, ``effective_conductance``)
+-----------------------------------------------------------------
+``decoupled``: each line is solved exactly on its own, with the other set of lines at 0 V:
 ``a_ij`` = word-line voltage at cell ``(i, j)`` when the driver applies 1 V and every bit-line
 node is grounded (the tridiagonal system ``(L_C + x D_i) a_i = e_0``); ``k_ij`` = bit-line
 voltage at cell ``(i, j)`` when the sense end is driven at 1 V and every word-line node is
@@ -50,14 +50,28 @@ the fraction of a current injected at bit-line node ``(i, j)`` (through the cell
 the sense node, so the column current is ``I_j = sum_i v_i G_ij a_ij k_ij``, i.e.
 ``T ~= G * a * k``. It is exact to first order in ``wire_r`` (``a ~= 1 - x sum_j'
 G_ij' (min(j, j') + 1)``, ``k ~= 1 - x sum_i' G_i'j (R - max(i, i'))``, the first-order
-perturbation of both lines) and keeps each line's own non-linear saturation; it neglects only
-the interaction of the two lines (the raised bit-line voltage lowers the current a word line
-delivers, hence its own drop), so it overestimates the drop slightly. ``a`` and ``k`` cost one
-vectorized Thomas sweep each (``O(R C)``); the column currents are one BLAS product
-``v @ T``, as for ideal cells; the factor ``a * k`` (``attenuation``) can be computed once per
-programmed array. At ``wire_r = 0`` ``column_currents`` returns ``v @ G`` itself (bit for bit).
-The error of this model against the exact solve for 64, 128 and 256 arrays is measured by
-``benchmarks/bench_irdrop.py`` (README, "Wire resistance").
+perturbation of both lines) and keeps each line's own non-linear saturation. ``a`` and ``k``
+cost one vectorized Thomas sweep each (``O(R C)``). What it leaves out is the coupling of the
+two sets of lines: current a raised bit line pushes back into the other word lines is treated as
+lost to their drivers, but part of it flows on through their cells into other bit lines and is
+sensed there. In the second-order expansion of ``T`` in ``wire_r`` this is the only term the
+decoupled model misses.
+
+``coupled`` (default) adds that term with every line's own response kept exact
+(``cross_correction``): for an input on word line k the cell current ``J_kj = G_kj a_kj``
+raises bit line j by its Green's function ``Zb_j = x (L_R + x D_j)^{-1}`` (other cells to
+ground), cell (i, j) passes ``G_ij B_ij`` into word line i, which rises by its Green's function
+``Zw_i``, and cell (i, j') passes ``G_ij' W_ij'`` into bit line j', of which ``k_ij'`` is sensed:
+``T = G * a * k + dT``, ``dT_kj' = sum_i sum_j J_kj Zb_j[i, k] G_ij Zw_i[j', j] G_ij' k_ij'``,
+computed by factorized line solves for all inputs k at once (``O(R^2 C)``). It is exact
+through third order in ``wire_r`` (its error is ``O(wire_r^4)``; the decoupled model's
+``O(wire_r^2)``; both tested). Both models satisfy the reciprocity symmetry of the exact network.
+
+The column currents are then one BLAS product ``v @ T``, as for ideal cells; ``T`` depends only
+on the programmed array, so it is built once per array. At ``wire_r = 0`` ``column_currents``
+returns ``v @ G`` itself (bit for bit). The error of both models against the exact solve for
+64, 128 and 256 arrays is measured by ``benchmarks/bench_irdrop.py`` (README, "Wire
+resistance").
 
 For comparison: CrossSim (Sandia) solves the line voltages per input vector by iterated,
 under-relaxed updates until the voltage error is below a threshold; since the network is linear
@@ -75,8 +89,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["METHODS", "attenuation", "column_currents", "effective_conductance", "exact_conductance",
-           "level_sums", "line_profile", "solve_exact"]
+__all__ = ["METHODS", "attenuation", "column_currents", "cross_correction",
+           "effective_conductance", "exact_conductance", "level_sums", "line_profile",
+           "solve_exact"]
 
 
 def _check(G, wire_r) -> tuple[np.ndarray, float]:
@@ -126,22 +141,83 @@ def line_profile(g, wire_r) -> np.ndarray:
 
 
 def attenuation(G, wire_r) -> np.ndarray:
-    """``a * k`` (R, C) of the decoupled line model: ``effective_conductance = G * attenuation``.
-    ``a``: word-line profiles (driver at column 0, bit lines grounded); ``k``: bit-line profiles
-    (driven from the sense end at row R-1, word lines grounded)."""
+    """``a * k`` (R, C) of the decoupled line model (``effective_conductance(G, x,
+    "decoupled") = G * attenuation``). ``a``: word-line profiles (driver at column 0, bit
+    lines grounded); ``k``: bit-line profiles (driven from the sense end at row R-1, word lines
+    grounded)."""
     G, x = _check(G, wire_r)
     a = line_profile(G, x)
     k = line_profile(G.T[:, ::-1], x)[:, ::-1].T
     return a * k
 
 
-METHODS = ("lines", "exact")
+def _factor(g, x: float):
+    """Thomas factorization of the line matrices ``L + x diag(g_l)`` (``line_profile``), node
+    axis first: ``(cp, den)`` each (n, lines)."""
+    g = np.ascontiguousarray(np.asarray(g, dtype=np.float64).T)     # (n, lines)
+    d = 2.0 + x * g
+    d[-1] -= 1.0
+    cp, den = np.empty_like(d), np.empty_like(d)
+    den[0] = d[0]
+    cp[0] = -1.0 / den[0]
+    for m in range(1, d.shape[0]):
+        den[m] = d[m] + cp[m - 1]
+        cp[m] = -1.0 / den[m]
+    return cp, den
 
 
-def effective_conductance(G, wire_r, method: str = "lines") -> np.ndarray:
-    """The transfer matrix ``T`` (R, C) of the array (column currents ``v @ T``): ``lines``
-    (default) the decoupled line model, ``exact`` the nodal solve (``exact_conductance``).
-    ``G`` itself (the same array values) at ``wire_r = 0``."""
+def _solve(cp, den, rhs) -> np.ndarray:
+    """``(L + x diag(g_l))^{-1} rhs`` for right-hand sides ``rhs`` (n, batch, lines), in place."""
+    n = rhs.shape[0]
+    rhs[0] /= den[0]
+    for m in range(1, n):
+        rhs[m] += rhs[m - 1]
+        rhs[m] /= den[m]
+    for m in range(n - 2, -1, -1):
+        rhs[m] -= cp[m] * rhs[m + 1]
+    return rhs
+
+
+def cross_correction(G, wire_r, chunk_elems: int = 1 << 21) -> np.ndarray:
+    """The coupling term ``dT`` (R, C) the decoupled model leaves out (module docstring,
+    ``coupled``): for an input on word line k, the cell current ``J_kj = G_kj a_kj`` raises bit
+    line j (its Green's function with every other cell to ground), the raised bit line pushes
+    ``G_ij B_ij`` into word line i, which rises (its Green's function) and passes
+    ``G_ij' W_ij'`` into bit line j', of which ``k_ij'`` reaches the sense node:
+    ``dT_kj' = sum_i sum_j J_kj Zb_j[i, k] G_ij Zw_i[j', j] G_ij' k_ij'``. Computed by line
+    solves (tridiagonal, factorized once) for chunks of inputs k: O(R^2 C) work."""
+    G, x = _check(G, wire_r)
+    R, C = G.shape
+    dT = np.zeros((R, C))
+    if x == 0.0:
+        return dT
+    a = line_profile(G, x)
+    kf = line_profile(G.T[:, ::-1], x)[:, ::-1].T
+    J = G * a
+    out_w = G * kf                                      # (i, j') weight of word-line voltages
+    cpb, denb = _factor(G[::-1].T, x)                   # bit lines, node 0 = sense end (row R-1)
+    cpw, denw = _factor(G, x)                           # word lines, node 0 = driver (column 0)
+    step = max(1, chunk_elems // (R * C))
+    for k0 in range(0, R, step):
+        ks = np.arange(k0, min(R, k0 + step))
+        B = len(ks)
+        rhs = np.zeros((R, B, C))                       # bit-line nodes (reversed rows)
+        rhs[R - 1 - ks, np.arange(B), :] = x * J[ks]
+        S = _solve(cpb, denb, rhs)[::-1]                # (i, b, j): bit voltage at row i
+        inj = np.ascontiguousarray((S * G[:, None, :]).transpose(2, 1, 0)) * x   # (j, b, i)
+        W = _solve(cpw, denw, inj)                      # (j', b, i): word voltage
+        dT[ks] = np.einsum("jbi,ij->bj", W, out_w)
+    return dT
+
+
+METHODS = ("decoupled", "coupled", "exact")
+
+
+def effective_conductance(G, wire_r, method: str = "coupled") -> np.ndarray:
+    """The transfer matrix ``T`` (R, C) of the array (column currents ``v @ T``): ``coupled``
+    (default) the line model with its coupling term (``G * attenuation + cross_correction``),
+    ``decoupled`` the line model alone (``G * attenuation``), ``exact`` the nodal solve
+    (``exact_conductance``). ``G`` itself (the same array values) at ``wire_r = 0``."""
     if method not in METHODS:
         raise ValueError(f"irdrop: method must be one of {', '.join(METHODS)}, got {method!r}")
     G, x = _check(G, wire_r)
@@ -149,13 +225,17 @@ def effective_conductance(G, wire_r, method: str = "lines") -> np.ndarray:
         return G
     if method == "exact":
         return exact_conductance(G, x)
-    return G * attenuation(G, x)
+    T = G * attenuation(G, x)
+    if method == "coupled":
+        T += cross_correction(G, x)
+    return T
 
 
-def column_currents(v, G, wire_r, method: str = "lines") -> np.ndarray:
+def column_currents(v, G, wire_r, method: str = "coupled") -> np.ndarray:
     """Sensed column currents ``(N, C)`` (or ``(C,)`` for ``v`` of shape ``(R,)``) of inputs
     ``v`` (N, R) applied to the array ``G`` (R, C) with wire resistance ``wire_r`` (units of
-    ``1/g_max``), by the decoupled line model (module docstring): one BLAS product
+    ``1/g_max``), by the line model (module docstring; ``method`` as for
+    ``effective_conductance``): one BLAS product
     ``v @ effective_conductance(G, wire_r, method)``. ``wire_r = 0``: ``v @ G`` exactly."""
     G, x = _check(G, wire_r)
     v, _ = _inputs(v, G.shape[0])
@@ -184,7 +264,8 @@ def solve_exact(v, G, wire_r) -> np.ndarray:
     for i in range(R):
         D = G[i]
         Minv = np.linalg.inv(lap + x * np.diag(D))
-        P = x * np.diag(D) + (1.0 if i == 0 else 2.0) * eye - (x * x) * (D[:, None] * Minv * D[None, :])
+        P = (x * np.diag(D) + (1.0 if i == 0 else 2.0) * eye
+             - (x * x) * (D[:, None] * Minv * D[None, :]))
         if i > 0:
             P -= Pinv
         ui = V[:, i:i + 1] * src[i][None, :]
@@ -202,15 +283,16 @@ def exact_conductance(G, wire_r) -> np.ndarray:
     return solve_exact(np.eye(G.shape[0]), G, x)
 
 
-def level_sums(x, levels, cell_bits: int, g_min: float, wire_r, method: str = "lines") -> np.ndarray:
+def level_sums(x, levels, cell_bits: int, g_min: float, wire_r,
+               method: str = "coupled") -> np.ndarray:
     """The array backends' integer column sums ``x @ levels`` as the analog array delivers
     them with wire resistance, in level units (float64): cell conductances
     ``G = g_min + levels * (1 - g_min) / (2^cell_bits - 1)`` (fractions of ``g_max``), column
-    currents ``x @ T`` (decoupled line model), minus the ``g_min`` offset current the ideal
-    array would carry, ``g_min * sum_i x_i``, rescaled to levels. Equals ``x @ levels`` exactly
-    when ``wire_r = 0`` and ``g_min = 0`` (up to the float rescale: returned as ``x @ levels``
-    itself then). ``x``: (N, R) non-negative input cycle values (DAC codes, a linear DAC: the
-    word-line voltage is proportional to the code); ``levels``: (R, C) integers of the WHOLE
+    currents ``x @ T`` (``method``, default the coupled line model), minus the ``g_min`` offset
+    current the ideal array would carry, ``g_min * sum_i x_i``, rescaled to levels. Equals
+    ``x @ levels`` itself when ``wire_r = 0`` and ``g_min = 0``. ``x``: (N, R) non-negative
+    input cycle values (DAC codes, a linear DAC: the word-line voltage is proportional to the
+    code); ``levels``: (R, C) integers of the WHOLE
     physical array, every column it holds (all weight slices, both columns of a differential
     pair, the reference columns) and unused cells at level 0, because every cell on a line
     loads that line; read only the columns you need from the result. ``T`` depends only on
