@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,9 @@ def export_tiles(net: Network, cfg, out_dir, mapping=None, orders: dict | None =
     try:
         save_file(_tensors(net, orders, adc_ranges), str(out / TENSORS),
                   metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(out / TENSORS, 0o666 & ~mask)      # safetensors writes 0600; like the others
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         write_csv(net, out / CSV_FILE, mapping)
     except OSError as e:

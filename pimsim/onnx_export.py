@@ -77,6 +77,8 @@ class _Builder:
         self.names: dict = {}           # fx node -> ONNX value name
         self.n = 0
         self.shapes: dict = {}          # GemmLayer name -> input shape on the example
+        self.out_shapes: dict = {}      # GemmLayer name -> output shape on the example
+        self.layer_io: dict = {}        # GemmLayer name -> (ONNX input, ONNX output) names
 
     def fresh(self, base: str) -> str:
         self.n += 1
@@ -211,7 +213,9 @@ class _Builder:
     def module_node(self, n, mod, args, kwargs) -> str:
         x = self.names[args[0]]
         if isinstance(mod, GemmLayer):
-            return self.gemm_layer(mod, x)
+            y = self.gemm_layer(mod, x)
+            self.layer_io[mod.name] = (x, y)
+            return y
         if isinstance(mod, (nn.Identity, nn.Dropout)):
             return self.node("Identity", [x], n.name)
         if isinstance(mod, nn.ReLU):
@@ -362,7 +366,9 @@ class _Builder:
     def record_shapes(self, input_shape):
         def hook(layer, x):
             self.shapes[layer.name] = tuple(x.shape)
-            return None
+            y = layer.float_forward(x)
+            self.out_shapes[layer.name] = tuple(y.shape)
+            return y
         saved = {l.name: l.mode for l in self.net.layers}
         try:
             for l in self.net.layers:
@@ -376,7 +382,7 @@ class _Builder:
             raise UnsupportedModelError("ONNX export: the network's output is not one tensor")
         self.out_shape = tuple(y.shape[1:])
 
-    def build(self, input_shape):
+    def build(self, input_shape, expose: bool = False):
         import torch.fx as fx
         self.record_shapes(input_shape)
         gm = self.net.gm
@@ -407,18 +413,29 @@ class _Builder:
         h = self.helper
         inp = h.make_tensor_value_info(INPUT, self.TP.FLOAT, ["N", *input_shape])
         outp = h.make_tensor_value_info(OUTPUT, self.TP.FLOAT, ["N", *self.out_shape])
-        graph = h.make_graph(self.nodes, "pimsim", [inp], [outp], initializer=self.inits)
+        outs = [outp]
+        if expose:                  # every GEMM layer's input and output as graph outputs too
+            for name, (xi, yo) in self.layer_io.items():
+                for v, what, shape in ((xi, "input", self.shapes[name]),
+                                       (yo, "output", self.out_shapes[name])):
+                    alias = f"{name}:{what}"
+                    self.nodes.append(h.make_node("Identity", [v], [alias], name=alias))
+                    outs.append(h.make_tensor_value_info(alias, self.TP.FLOAT,
+                                                         ["N", *shape[1:]]))
+        graph = h.make_graph(self.nodes, "pimsim", [inp], outs, initializer=self.inits)
         model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)],
                              producer_name="pimsim")
         model.ir_version = IR_VERSION
         return model
 
 
-def build_onnx(net: Network, input_shape=None):
+def build_onnx(net: Network, input_shape=None, expose: bool = False):
     """The ``onnx.ModelProto`` of ``net`` (module docstring), checked by ``onnx.checker``.
-    ``input_shape``: one sample's shape (default ``net.input_shape``); the batch is dynamic."""
+    ``input_shape``: one sample's shape (default ``net.input_shape``); the batch is dynamic.
+    ``expose``: also output every GEMM layer's input and output (``"<layer>:input"``,
+    ``"<layer>:output"``), to check the graph layer by layer."""
     b = _Builder(net)
-    model = b.build(tuple(input_shape or net.input_shape))
+    model = b.build(tuple(input_shape or net.input_shape), expose)
     b.onnx.checker.check_model(model)
     return model
 
