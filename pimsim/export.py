@@ -220,11 +220,11 @@ def read_tensors(directory) -> dict:
 def _expected(cfg, net: Network) -> tuple[list, dict]:
     """The layers the config quantizes (names in order) and the config's bits / grid."""
     from .calibrate import resolve_float_layers
-    from .simulate import symmetric_range
     keep = resolve_float_layers(net, cfg["quant.float_layers"])
     layers = [l for l in net.layers if l.name not in keep]
+    # a crossbar: section means the symmetric range (pimsim.simulate.symmetric_range)
     return layers, {"w_bits": cfg["quant.weight_bits"], "a_bits": cfg["quant.act_bits"],
-                    "symmetric": symmetric_range(cfg)}
+                    "symmetric": cfg.crossbar is not None}
 
 
 def check_manifest(manifest: dict, cfg, net: Network, where: str) -> None:
@@ -320,9 +320,7 @@ def load_tiles(net: Network, cfg, directory, example_shape=None) -> dict:
                 raise ValueError("activation scale must be finite and > 0")
         except ValueError as e:
             raise TilesError(f"quant.load: {f}: layer {l.name}: {e}") from None
-        l.set_quant(q)                      # forms the integers from W ...
-        l.wq = np.ascontiguousarray(wq.astype(l.wq.dtype))  # ... the stored ones are the truth
-        l._backends = {}
+        l.set_quant(q, wq=wq)               # the stored integers, not those of W
         if f"{l.name}.adc_ranges" in t:
             ranges[l.name] = t[f"{l.name}.adc_ranges"].astype(np.float64)
     return {"manifest": manifest, "orders": {g: [int(i) for i in p] for g, p in orders.items()},
