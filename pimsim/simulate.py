@@ -307,6 +307,9 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int, out_dir=Non
     fp_top1, _ = evaluate_dataset(net, ds, bs, n_images, progress, desc="float")
     fp_s = time.perf_counter() - t0
     info, reorder, loaded = calibrate_or_load(prep, progress)
+    if loaded is not None and cfg["reorder.method"] != "none":
+        notes.append(f"reorder.method {cfg['reorder.method']} not run: the channel orders "
+                     f"stored in {loaded['dir']} are used")
     mapping = setup_crossbar(prep, loaded) if cfg.crossbar is not None else None
     net.set_mode(cfg["eval.backend"])
     t0 = time.perf_counter()

@@ -434,3 +434,47 @@ def test_onnx_runtime_resnet20_matches_fake_path(name, quant, reorder):
             ref = net(x).numpy()
         agree += int((logits.argmax(1) == ref.argmax(1)).sum())
     assert agree >= 999, agree
+
+
+# --------------------------------------------------------------------------- placement by hand
+
+
+def _pieces(crossbar, grid, w_bits=4):
+    from pimsim.crossbar import LayerSpec, map_layer
+    lm = map_layer(LayerSpec("l", grid.O, grid.K, grid, w_bits, 8), crossbar, strict=False)
+    return lm, {(t["group"], t["i"], t["j"]): [(p["array"], p["row_offset"], p["rows"],
+                                                 p["col_offset"], p["cols"]) for p in t["pieces"]]
+                for t in lm.tile_placements(crossbar, grid)}
+
+
+def test_tile_placements_by_hand():
+    """8x8 arrays, 2-bit cells, differential 4-bit weights: 2 slices x 2 signs = 4 bit lines
+    per weight, no reference columns. Placements worked out on paper from the rule in
+    pimsim/crossbar/mapping.py."""
+    from pimsim.crossbar import Crossbar
+    from pimsim.quant import TileGrid
+    xb = Crossbar(rows=8, cols=8, cell_bits=2, signed="differential")
+    # 5 x 12, tiles 2 x 6: a row block (2 rows = 8 bit lines) fills an array; 3 row blocks
+    # per column block -> arrays j*3 + i, 6 word lines each
+    lm, p = _pieces(xb, TileGrid(5, 12, 2, 6))
+    assert lm.arrays == 6
+    assert p[(0, 0, 0)] == [(0, 0, 6, 0, 8)]
+    assert p[(0, 2, 0)] == [(2, 0, 6, 0, 4)]                # the 1-row edge tile
+    assert p[(0, 1, 1)] == [(4, 0, 6, 0, 8)]
+    # one row per tile, c = K = 12 > 8 word lines: 2 segments (8 + 4 word lines); two rows
+    # share an array side by side (4 bit lines each); 3 arrays per segment
+    lm, p = _pieces(xb, TileGrid(5, 12, 1, 12))
+    assert lm.arrays == 6
+    assert p[(0, 0, 0)] == [(0, 0, 8, 0, 4), (3, 0, 4, 0, 4)]
+    assert p[(0, 3, 0)] == [(1, 0, 8, 4, 4), (4, 0, 4, 4, 4)]
+    assert p[(0, 4, 0)] == [(2, 0, 8, 0, 4), (5, 0, 4, 0, 4)]
+    # 3-row tiles need 12 bit lines: a row block spans 2 arrays (8 + 4), the 2-row edge
+    # block one; 2 segments of 3 arrays
+    lm, p = _pieces(xb, TileGrid(5, 12, 3, 12))
+    assert lm.arrays == 6
+    assert p[(0, 0, 0)] == [(0, 0, 8, 0, 8), (1, 0, 8, 0, 4), (3, 0, 4, 0, 8), (4, 0, 4, 0, 4)]
+    assert p[(0, 1, 0)] == [(2, 0, 8, 0, 8), (5, 0, 4, 0, 8)]
+    # grouped: 2 groups of 2 rows x 6 inputs, each group on an array of its own
+    lm, p = _pieces(xb, TileGrid(4, 6, 2, 6, groups=2))
+    assert lm.arrays == 2
+    assert p[(0, 0, 0)] == [(0, 0, 6, 0, 8)] and p[(1, 1, 0)] == [(1, 0, 6, 0, 8)]
