@@ -5,7 +5,9 @@
 1. ``pimsim export hwconfigs/default.yaml`` (ResNet-20, W4A8, 128x128 tiles, PTQ-SL on 128
    calibration images, seed 0) into a temporary folder; ``manifest.json`` and ``tiles.csv`` are
    copied to ``DIR/export/`` (the tensors and the ONNX model are not kept: they are rebuilt by
-   the command).
+   the command). The same for ``hwconfigs/isaac.yaml`` into ``DIR/export-isaac/``: on the
+   ISAAC-like arrays its manifest holds the placement of every tile and its CSV the arrays of
+   every tile (``adc_range: full``, so there are no fitted ADC ranges to store).
 2. For W4A8 ResNet-20 calibrated as ``hwconfigs/default.yaml`` says (PTQ-SL, 128 images, seed
    0) with tiles 16x36, channelwise and Method 2 (r = 16, m = 4) with a random joint channel
    order (``reorder.method: random``, seed 0): the network exported to ONNX
@@ -40,6 +42,7 @@ from pimsim.simulate import calibrate_or_load, dataset_of, export, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "hwconfigs" / "default.yaml"
+ISAAC = ROOT / "hwconfigs" / "isaac.yaml"
 POINTS = {
     "W4A8 16x36": ["quant.tile=[16, 36]"],
     "W4A8 channelwise": ["quant.tile=channelwise"],
@@ -104,16 +107,20 @@ def main() -> None:
     ap.set_defaults(limit=1000)
     args = ap.parse_args()
     bench = Bench(args)
-    # 1. the export of the default config: manifest and CSV kept
-    cfg = load(DEFAULT, [f"eval.threads={args.threads}"])
-    keep = bench.out / "export"
-    keep.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = export(cfg, Path(tmp) / "default", progress=False)
-        for f in ("manifest.json", "tiles.csv"):
-            shutil.copyfile(Path(tmp) / "default" / f, keep / f)
-    print(f"export of {DEFAULT.name}: {', '.join(res['files'])}; kept manifest.json, tiles.csv "
-          f"in {keep}")
+    # 1. the exports of the default config and of the ISAAC-like preset (with the placement
+    # of every tile on the arrays): manifest and CSV kept
+    for path, folder in ((DEFAULT, "export"), (ISAAC, "export-isaac")):
+        cfg = load(path, [f"eval.threads={args.threads}"])
+        keep = bench.out / folder
+        keep.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = export(cfg, Path(tmp) / "x", progress=False)
+            for f in ("manifest.json", "tiles.csv"):
+                shutil.copyfile(Path(tmp) / "x" / f, keep / f)
+        if path == DEFAULT:
+            res = r
+        print(f"export of {path.name}: {', '.join(r['files'])}; kept manifest.json, tiles.csv "
+              f"in {keep}")
     # 2. ONNX Runtime against the fake path
     points = {}
     for name, sets in POINTS.items():
