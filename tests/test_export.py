@@ -82,20 +82,18 @@ def reordered(root, tmp_path_factory):
 # --------------------------------------------------------------------------- round trip
 
 
-def test_roundtrip_kernel_bit_identical(root, reordered):
+def test_roundtrip_kernel_bit_identical(root, reordered, monkeypatch):
     """Reloading gives the kernel path bit-identical outputs, without any calibration: the
     stored integers, scales and channel orders are what the network gets."""
+    import pimsim.simulate as sim
     prep_a, reorder, out = reordered
     assert reorder["orders"], "the fixture should reorder some channel group"
-    import pimsim.calibrate as cal
-    called = []
-    orig = cal.calibrate
-    cal.calibrate = lambda *a, **k: called.append(1) or orig(*a, **k)
-    try:
-        prep_b, _ = _loaded(root, out)
-    finally:
-        cal.calibrate = orig
-    assert not called
+
+    def no(*a, **k):
+        raise AssertionError("a reload must not calibrate or reorder")
+    for name in ("calibrate", "quantize_network", "reorder_network"):
+        monkeypatch.setattr(sim, name, no)
+    prep_b, _ = _loaded(root, out)
     x = _images(prep_a)
     prep_a.net.set_mode("kernel")
     prep_b.net.set_mode("kernel")
@@ -478,3 +476,20 @@ def test_tile_placements_by_hand():
     lm, p = _pieces(xb, TileGrid(4, 6, 2, 6, groups=2))
     assert lm.arrays == 2
     assert p[(0, 0, 0)] == [(0, 0, 6, 0, 8)] and p[(1, 1, 0)] == [(1, 0, 6, 0, 8)]
+
+
+@pytest.mark.parametrize("quant,sections", [({"act_bits": 4}, {}),
+                                            ({"tile": "crossbar"},
+                                             {"crossbar": {"rows": 64, "cols": 64}})],
+                         ids=["A4", "symmetric-crossbar-range"])
+def test_onnx_clip_narrow_activation_range(root, tmp_path, quant, sections):
+    """Activation ranges narrower than int8's (4 bits; the symmetric crossbar range -127..127)
+    get a Clip after the DequantizeLinear, so the graph still computes the fake path."""
+    pytest.importorskip("onnxruntime")
+    from pimsim.onnx_export import build_onnx
+    prep, _, _ = _exported(root, tmp_path / "n", quant, **sections)
+    net = prep.net
+    net.set_mode("fake")
+    m = build_onnx(net, expose=True)
+    assert sum(n.op_type == "Clip" for n in m.graph.node) == len(net.quantized_layers)
+    _layerwise_check(net, m, _images(prep) * 4)        # larger inputs: the clip matters
