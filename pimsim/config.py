@@ -162,6 +162,9 @@ class QuantSection:
     seed: int = setting(0, "seed of the calibration image draw", int_in(0))
     float_layers: object = setting("auto", "layers kept in float: auto (first and last) or a "
                                    "list of names", _float_layers)
+    load: str | None = setting(None, "folder written by pimsim export (or run --out-dir) whose "
+                               "calibration is reloaded instead of calibrating; null = "
+                               "calibrate", optional(non_empty_str))
 
 
 def _numbers(positive: bool):
@@ -520,6 +523,24 @@ def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path | None:
         hint = f"; pimsim fetch --what models --dest {dest} downloads {p.name}"
     raise _err(cfg.source, "model.checkpoint", ckpt,
                "file not found; looked in " + ", ".join(str(c) for c in looked) + hint)
+
+
+def resolve_load(cfg: Config) -> Path | None:
+    """The folder of ``quant.load`` (None: calibrate). A relative path is looked up in the
+    working directory, then beside the YAML file; ConfigError naming the key when neither is a
+    folder."""
+    d = cfg["quant.load"]
+    if d is None:
+        return None
+    p = Path(d).expanduser()
+    looked = [p] if p.is_absolute() else [Path.cwd() / p]
+    if not p.is_absolute() and cfg.source not in ("<config>", "<defaults>"):
+        looked.append(Path(cfg.source).resolve().parent / p)
+    for cand in looked:
+        if cand.is_dir():
+            return cand
+    raise _err(cfg.source, "quant.load", d, "no such folder; looked in "
+               + ", ".join(str(c) for c in looked) + " (give a folder written by pimsim export)")
 
 
 def read_yaml(path, what: str = "config file"):

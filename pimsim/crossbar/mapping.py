@@ -152,6 +152,58 @@ class LayerMapping:
         return out
 
 
+    def tile_placements(self, crossbar: Crossbar, grid: TileGrid) -> list[dict]:
+        """Where every tile of ``grid`` (the layer's ``TileGrid``) sits on the layer's arrays, by
+        the placement rule of the module docstring: one entry per tile as placed
+        (``grid.group_tiles()``) with its ``group``, scale indices ``i, j`` and matrix rows
+        ``o0:o1`` / columns ``k0:k1``, and its ``pieces``: one per (segment, array) holding
+        part of it, each with ``array`` (the layer's array index: group by group, segment by
+        segment, the arrays along the bit lines within a segment; the order of per-array ADC
+        ranges), ``row_offset`` / ``rows`` (first word line and word lines used) and
+        ``col_offset`` / ``cols`` (first bit line and bit lines used, reference columns not
+        counted: they follow the weights' ``avail = cols - ref_cols`` bit lines)."""
+        if (grid.O, grid.K, grid.r, grid.c, grid.groups) != (self.O, self.K, self.r, self.c,
+                                                             self.groups):
+            raise ValueError(f"layer {self.name}: grid {grid.O}x{grid.K} tiles "
+                             f"{grid.r}x{grid.c} != mapping")
+        one = self.group_mapping()
+        cpw, avail = one.cols_per_weight, crossbar.cols - one.ref_cols
+        aps, gr = one.arrays_per_segment, grid.group_r
+        bounds = list(one.seg_bounds)
+        fits = gr * cpw <= avail
+        # first array (within a segment) of every row block of a group, when blocks span arrays
+        starts, base = [], 0
+        for ii in range(grid.blocks_per_group):
+            starts.append(base)
+            n = min(grid.Og, (ii + 1) * gr) - ii * gr
+            base += -(-n * cpw // avail)
+        out = []
+        for g, i, j, rows, cols in grid.group_tiles():
+            ii = (rows.start - g * grid.Og) // gr
+            n = rows.stop - rows.start
+            pieces = []
+            for s in range(len(bounds) - 1):
+                k0, k1 = bounds[s], bounds[s + 1]
+                if k0 < cols.start or k1 > cols.stop:
+                    continue
+                a0 = g * one.arrays + s * aps
+                if fits:
+                    per = one.row_blocks_per_array
+                    pieces.append({"array": a0 + ii // per, "row_offset": 0, "rows": k1 - k0,
+                                   "col_offset": (ii % per) * gr * cpw, "cols": n * cpw})
+                else:
+                    left, t = n * cpw, 0
+                    while left > 0:
+                        pieces.append({"array": a0 + starts[ii] + t, "row_offset": 0,
+                                       "rows": k1 - k0, "col_offset": 0,
+                                       "cols": min(avail, left)})
+                        left -= avail
+                        t += 1
+            out.append({"group": g, "i": i, "j": j, "o0": rows.start, "o1": rows.stop,
+                        "k0": cols.start, "k1": cols.stop, "pieces": pieces})
+        return out
+
+
 def adc_conversions(lm: LayerMapping, vectors: int, passes: int = 1) -> int:
     """ADC conversions of ``vectors`` input vectors (output pixels x images) applied to layer
     ``lm`` in ``passes`` sign passes (1: non-negative inputs, 2: positive and negative part):
