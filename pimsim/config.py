@@ -482,7 +482,7 @@ def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path | None:
     the published one that ``pimsim fetch`` downloads). A relative path is looked up beside the
     YAML file, in the working directory, then in ``<data dir>/models/``.
     """
-    from .data import CHECKPOINT_URLS
+    from .data import CHECKPOINT_URLS, candidate_paths
     from .models import default_checkpoint_names
     name, ckpt = cfg["model.name"], cfg["model.checkpoint"]
     if ckpt is None and cfg["model.factory"] is not None:
@@ -507,13 +507,8 @@ def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path | None:
                    f"no default checkpoint of {name} in {models_dir} (looked for "
                    f"{' or '.join(names)}); {hint}give model.checkpoint a file")
     p = Path(ckpt).expanduser()
-    looked = [p] if p.is_absolute() else []
-    if not p.is_absolute():
-        if cfg.source not in ("<config>", "<defaults>"):
-            looked.append(Path(cfg.source).resolve().parent / p)
-        looked.append(Path.cwd() / p)
-        if data_dir is not None:
-            looked.append(Path(data_dir) / "models" / p)
+    looked = candidate_paths(ckpt, cfg.source,
+                             extra=() if data_dir is None else (Path(data_dir) / "models",))
     for cand in looked:
         if cand.is_file():
             return cand
@@ -532,10 +527,8 @@ def resolve_load(cfg: Config) -> Path | None:
     d = cfg["quant.load"]
     if d is None:
         return None
-    p = Path(d).expanduser()
-    looked = [p] if p.is_absolute() else [Path.cwd() / p]
-    if not p.is_absolute() and cfg.source not in ("<config>", "<defaults>"):
-        looked.append(Path(cfg.source).resolve().parent / p)
+    from .data import candidate_paths
+    looked = candidate_paths(d, cfg.source, cwd_first=True)
     for cand in looked:
         if cand.is_dir():
             return cand

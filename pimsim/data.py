@@ -466,3 +466,17 @@ def fetch(dest: str | os.PathLike, what=("cifar10", "models"), progress: bool = 
                 download(url, models_dir / name, progress=progress)
         fetched["models"] = models_dir
     return fetched
+
+
+def candidate_paths(value, source: str, cwd_first: bool = False, extra=()) -> list[Path]:
+    """Where a path given in a config is looked for, in order: itself when absolute; else
+    beside the YAML file ``source`` (unless the config came from no file), the working
+    directory (first instead with ``cwd_first``: a path typed on the command line), then each
+    folder of ``extra``."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return [p]
+    beside = ([Path(source).resolve().parent / p]
+              if source not in ("<config>", "<defaults>") else [])
+    cwd = [Path.cwd() / p]
+    return (cwd + beside if cwd_first else beside + cwd) + [Path(d) / p for d in extra]

@@ -47,7 +47,7 @@ import torch
 
 from .data import (CALIBRATION_BATCH, CIFAR100_FOLDER, CIFAR100_MEAN, CIFAR100_STD, CIFAR_FOLDER,
                    MEAN, STD, DataError, DataNotFoundError, calibration_pool, calibration_set, find_data_dir,
-                   load_cifar10, load_cifar100, to_tensor)
+                   candidate_paths, load_cifar10, load_cifar100, to_tensor)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,12 +76,7 @@ def resolve_path(cfg, key: str, folder: bool = False) -> Path:
     """The file (or folder) of config key ``key``: absolute, else beside the YAML file, else in
     the working directory; DataNotFoundError naming the key and the places looked at."""
     value = cfg[key]
-    p = Path(value).expanduser()
-    looked = [p] if p.is_absolute() else []
-    if not p.is_absolute():
-        if cfg.source not in ("<config>", "<defaults>"):
-            looked.append(Path(cfg.source).resolve().parent / p)
-        looked.append(Path.cwd() / p)
+    looked = candidate_paths(value, cfg.source)
     for cand in looked:
         if (cand.is_dir() if folder else cand.is_file()):
             return cand
