@@ -265,7 +265,8 @@ def setup_crossbar(prep: Prepared):
     from .crossbar import attach, fit_adc_ranges, reset_adc_stats
     cfg = prep.cfg
     mapping = attach(prep.net, cfg.crossbar, cfg.granularity, strict=True)
-    if cfg["eval.backend"] == "crossbar" and cfg.crossbar.adc_range == "calibrated" \
+    if cfg["eval.backend"] == "crossbar" \
+            and cfg.crossbar.adc_range in ("calibrated", "calibrated_slice") \
             and cfg.crossbar.adc_bits > 0:
         fit_adc_ranges(prep.net, calibration_batch(prep), cfg["eval.batch_size"])
     reset_adc_stats(prep.net)
