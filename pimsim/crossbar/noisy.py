@@ -54,9 +54,14 @@ never its conductances.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
+import os
 import zlib
 
 import numpy as np
+from numba import njit
 
 from .arrays import CrossbarGemm, adc_tables
 from .mapping import adc_conversions
@@ -70,10 +75,76 @@ def layer_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def _openblas():
+    """(get, set) of the thread count of NumPy's bundled OpenBLAS, or None if not found."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get, put in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                         ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                         ("openblas_get_num_threads", "openblas_set_num_threads")):
+            if hasattr(lib, get) and hasattr(lib, put):
+                g, p = getattr(lib, get), getattr(lib, put)
+                g.restype = ctypes.c_int
+                p.argtypes = [ctypes.c_int]
+                return g, p
+    return None
+
+
+_BLAS = _openblas()
+
+
+@contextlib.contextmanager
+def single_thread_blas():
+    """The analog products are thin (a few hundred columns): multi-threaded OpenBLAS gains
+    little on them and spin-waits badly on a shared machine, so they run on one BLAS thread
+    (the caller's count is put back)."""
+    if _BLAS is None:
+        yield
+        return
+    get, put = _BLAS
+    n = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(n)
+
+
 def _column_sums(d: np.ndarray, G: np.ndarray) -> np.ndarray:
     """``v[n, j] = sum_i d[n, i] * G[i, j]``: the analog column sums of one input cycle
     (``d`` (N, R) DAC digits, ``G`` (R, C) conductances in level units), float64 (N, C)."""
     return np.matmul(d, G).astype(np.float64, copy=False)
+
+
+@njit(cache=True)
+def adc_accumulate(v, rng, step, levels, sh, L):
+    """The ADC of one cycle, fused: ``L[n, j] += min(rint(max(v, 0) / step[j]), levels) * sh``
+    (``levels == 0``: ideal, ``L += v * sh``); returns the conversions with ``v > rng[j]``.
+    One thread: a call takes tens of microseconds, less than waking a thread pool."""
+    N, C = v.shape
+    clip = np.zeros(N, dtype=np.int64)
+    for n in range(N):
+        k = 0
+        if levels == 0:
+            for j in range(C):
+                L[n, j] += v[n, j] * sh
+        else:
+            for j in range(C):
+                x = v[n, j]
+                if x > rng[j]:
+                    k += 1
+                if x < 0.0:
+                    x = 0.0
+                lv = np.rint(x / step[j])
+                if lv > levels:
+                    lv = np.float64(levels)
+                L[n, j] += lv * sh
+        clip[n] = k
+    return clip.sum()
 
 
 class NoisyCrossbarGemm(CrossbarGemm):
@@ -265,6 +336,9 @@ class NoisyCrossbarGemm(CrossbarGemm):
             if tab is not None:
                 rng_c, rng_r = tab[garr, colt], tab[rg]
                 st_c, st_r = rng_c / levels, rng_r / levels
+            else:
+                rng_c = st_c = np.ones(Q * O)
+                rng_r = st_r = np.ones(aps * R)
             vseg = None
             for p in range(passes):
                 mag = np.maximum(x[:, k0:k1], 0) if p == 0 else np.maximum(-x[:, k0:k1], 0)
@@ -281,30 +355,29 @@ class NoisyCrossbarGemm(CrossbarGemm):
                     if sig > 0:
                         amp = sig * np.sqrt((dg * dg).sum(1)).astype(np.float64)
                         for a, b, gen in groups:
-                            if act[a:b].any():
-                                z = gen.standard_normal((b - a, Q * O + aps * R),
+                            rows_on = np.flatnonzero(act[a:b]) + a
+                            if rows_on.size:          # only the vectors driving a word line
+                                z = gen.standard_normal((rows_on.size, Q * O + aps * R),
                                                         dtype=np.float32)
-                                v[a:b] += amp[a:b, None] * z[:, :Q * O]
+                                z *= amp[rows_on, None].astype(np.float32)
+                                v[rows_on] += z[:, :Q * O]
                                 if R:
-                                    vr[a:b] += amp[a:b, None] * z[:, Q * O:]
+                                    vr[rows_on] += z[:, Q * O:]
                     if rec:
                         np.maximum.at(self.seen_slice, (garr, colt), v.max(0))
                         if R:
                             np.maximum.at(self.seen_slice, rg, vr.max(0))
                     sh = float(1 << (c * dac))
-                    if tab is None:
-                        L += v * sh
-                        Lr += vr * sh
-                    else:
-                        nclip += int((v > rng_c).sum()) + int((vr > rng_r).sum())
-                        L += np.minimum(np.rint(np.maximum(v, 0.0) / st_c), levels) * sh
-                        Lr += np.minimum(np.rint(np.maximum(vr, 0.0) / st_r), levels) * sh
+                    lev = 0 if tab is None else levels
+                    nclip += adc_accumulate(v, rng_c, st_c, lev, sh, L)
+                    if R:
+                        nclip += adc_accumulate(vr, rng_r, st_r, lev, sh, Lr)
                 val = np.zeros((nb, O), dtype=np.float64)
                 for q in range(Q):
                     lv = L[:, q * O:(q + 1) * O]
                     if R:
                         lv = lv - Lr[:, self.col_arr[q] * R + self.col_t[q]]
-                    stp = 1.0 if tab is None else st_c[q * O:(q + 1) * O]
+                    stp = 1.0 if tab is None else st_c[q * O:(q + 1) * O]   # (Numba: step)
                     term = np.float64(1 << (xb.cell_bits * int(self.col_t[q]))) * (stp * lv)
                     val = val + term if self.col_sign[q] > 0 else val - term
                 vseg = val if p == 0 else vseg - val
@@ -347,10 +420,11 @@ class NoisyCrossbarGemm(CrossbarGemm):
         vpi = 1 if not self._batch else max(1, N // self._batch)
         base = self.images_seen
         self._stream = 1
-        for n0, n1, img, piece in self._chunks(N, vpi):
-            self._img = (base + img, piece)
-            P = self._psums(rows(n0, n1), passes)
-            t.combine(P, sx, b, y, n0)
+        with single_thread_blas():
+            for n0, n1, img, piece in self._chunks(N, vpi):
+                self._img = (base + img, piece)
+                P = self._psums(rows(n0, n1), passes)
+                t.combine(P, sx, b, y, n0)
         self._img = None
         self.images_seen = base + -(-N // vpi)
         return y
@@ -383,7 +457,8 @@ class NoisyCrossbarGemm(CrossbarGemm):
         n = x.shape[0]
         self._img, self._stream = (np.arange(n), np.zeros(n, np.int64)), 2
         try:
-            return self._psums(np.ascontiguousarray(x), 2 if x.min() < 0 else 1)
+            with single_thread_blas():
+                return self._psums(np.ascontiguousarray(x), 2 if x.min() < 0 else 1)
         finally:
             self._img = None
 
