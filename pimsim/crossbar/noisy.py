@@ -147,6 +147,16 @@ def adc_accumulate(v, rng, step, levels, sh, L):
     return clip.sum()
 
 
+@njit(cache=True)
+def add_noise(v, rows, amp, z):
+    """``v[rows[k], :] += amp[rows[k]] * z[k, :]``: the read noise of the driven vectors."""
+    for k in range(rows.shape[0]):
+        n = rows[k]
+        a = amp[n]
+        for j in range(v.shape[1]):
+            v[n, j] += a * z[k, j]
+
+
 class NoisyCrossbarGemm(CrossbarGemm):
     """``CrossbarGemm`` with analog column sums over real cells (module docstring). Same
     constructor; the device, the ADC policy and the compensation come from ``crossbar``.
@@ -189,6 +199,8 @@ class NoisyCrossbarGemm(CrossbarGemm):
             self.levels.append(lv.reshape(k1 - k0, Q * O))
             ref = np.broadcast_to(self.ref_vals[None, None, :], (k1 - k0, self.aps, self.R))
             self.ref_levels.append(np.ascontiguousarray(ref).reshape(k1 - k0, self.aps * self.R))
+        self.levels_all = [np.concatenate([a, b], axis=1)
+                           for a, b in zip(self.levels, self.ref_levels)]
         full = max(xb.full_range(r) for r in np.diff(self.seg_bounds))
         self._dtype = np.float32 if full < (1 << 24) else np.float64
 
@@ -233,13 +245,15 @@ class NoisyCrossbarGemm(CrossbarGemm):
         if ph.ideal:
             self.G = [lv.astype(self._dtype) for lv in self.levels]
             self.Gref = [lv.astype(self._dtype) for lv in self.ref_levels]
-            return
-
-        def conductances(c):
-            g = ph.at_time(c["gp"], c["nu"], {"z_flicker": c["z_flicker"]}, c["stuck"])
-            return ph.level_units(c["level"], g).astype(self._dtype)
-        self.G = [conductances(c) for c in self.cells]
-        self.Gref = [conductances(c) for c in self.ref_cells]
+        else:
+            def conductances(c):
+                g = ph.at_time(c["gp"], c["nu"], {"z_flicker": c["z_flicker"]}, c["stuck"])
+                return ph.level_units(c["level"], g).astype(self._dtype)
+            self.G = [conductances(c) for c in self.cells]
+            self.Gref = [conductances(c) for c in self.ref_cells]
+        # weight and reference columns side by side: one product per cycle
+        self.G_all = [np.ascontiguousarray(np.concatenate([g, r], axis=1))
+                      for g, r in zip(self.G, self.Gref)]
 
     def reset_stats(self) -> None:
         super().reset_stats()
@@ -327,51 +341,42 @@ class NoisyCrossbarGemm(CrossbarGemm):
         P = np.zeros((self.grid.n_col_blocks, nb, O), dtype=np.float64)
         nclip = 0
         colt = np.repeat(self.col_t, O)                                   # (Q*O,)
+        QO, W = Q * O, Q * O + aps * R                  # weight columns, + reference columns
         for s in range(lm.segments):
             k0, k1 = self.seg_bounds[s], self.seg_bounds[s + 1]
             garr = s * aps + self.col_arr.reshape(-1)                      # (Q*O,)
-            rg = (s * aps + np.repeat(np.arange(aps), R), np.tile(np.arange(R), aps))
-            G = self.levels[s].astype(self._dtype) if rec else self.G[s]
-            Gr = self.ref_levels[s].astype(self._dtype) if rec else self.Gref[s]
+            # every column of the segment's arrays: weight columns, then reference columns
+            g_all = np.concatenate([garr, s * aps + np.repeat(np.arange(aps), R)])
+            t_all = np.concatenate([colt, np.tile(np.arange(R), aps)])
+            G = self.levels_all[s].astype(self._dtype) if rec else self.G_all[s]
             if tab is not None:
-                rng_c, rng_r = tab[garr, colt], tab[rg]
-                st_c, st_r = rng_c / levels, rng_r / levels
+                rng_a = tab[g_all, t_all]
+                st_a = rng_a / levels
             else:
-                rng_c = st_c = np.ones(Q * O)
-                rng_r = st_r = np.ones(aps * R)
+                rng_a = st_a = np.ones(W)
             vseg = None
             for p in range(passes):
                 mag = np.maximum(x[:, k0:k1], 0) if p == 0 else np.maximum(-x[:, k0:k1], 0)
-                L = np.zeros((nb, Q * O), dtype=np.float64)
-                Lr = np.zeros((nb, aps * R), dtype=np.float64)
+                La = np.zeros((nb, W), dtype=np.float64)
                 for c in range(C):
                     dg = (mag >> (c * dac)) & dmask
                     act = dg.any(1)
                     if not act.any():
                         continue
-                    d = dg.astype(self._dtype)
-                    v = _column_sums(d, G)
-                    vr = _column_sums(d, Gr) if R else Lr[:, :0]
+                    v = _column_sums(dg.astype(self._dtype), G)             # (nb, W)
                     if sig > 0:
                         amp = sig * np.sqrt((dg * dg).sum(1)).astype(np.float64)
                         for a, b, gen in groups:
                             rows_on = np.flatnonzero(act[a:b]) + a
                             if rows_on.size:          # only the vectors driving a word line
-                                z = gen.standard_normal((rows_on.size, Q * O + aps * R),
-                                                        dtype=np.float32)
-                                z *= amp[rows_on, None].astype(np.float32)
-                                v[rows_on] += z[:, :Q * O]
-                                if R:
-                                    vr[rows_on] += z[:, Q * O:]
+                                add_noise(v, rows_on, amp,
+                                          gen.standard_normal((rows_on.size, W), dtype=np.float32))
                     if rec:
-                        np.maximum.at(self.seen_slice, (garr, colt), v.max(0))
-                        if R:
-                            np.maximum.at(self.seen_slice, rg, vr.max(0))
-                    sh = float(1 << (c * dac))
-                    lev = 0 if tab is None else levels
-                    nclip += adc_accumulate(v, rng_c, st_c, lev, sh, L)
-                    if R:
-                        nclip += adc_accumulate(vr, rng_r, st_r, lev, sh, Lr)
+                        np.maximum.at(self.seen_slice, (g_all, t_all), v.max(0))
+                    nclip += adc_accumulate(v, rng_a, st_a, 0 if tab is None else levels,
+                                            float(1 << (c * dac)), La)
+                L, Lr = La[:, :QO], La[:, QO:]
+                st_c = st_a[:QO]
                 val = np.zeros((nb, O), dtype=np.float64)
                 for q in range(Q):
                     lv = L[:, q * O:(q + 1) * O]
