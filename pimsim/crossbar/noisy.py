@@ -148,6 +148,29 @@ def adc_accumulate(v, rng, step, levels, sh, L):
 
 
 @njit(cache=True)
+def digit_planes(x, k0, k1, sign, dac, D, act, sq):
+    """DAC digits of inputs ``k0..k1`` of every row of ``x`` (nb x K integers) in every cycle:
+    ``D[c, n, i] = (max(sign * x[n, k0 + i], 0) >> (c * dac)) & (2^dac - 1)``; ``act[c, n]``:
+    the row drives a word line in cycle c; ``sq[c, n] = sum_i D[c, n, i]^2``."""
+    C, nb, nr = D.shape
+    mask = (1 << dac) - 1
+    for n in range(nb):
+        for c in range(C):
+            act[c, n] = False
+            sq[c, n] = 0.0
+        for i in range(nr):
+            m = sign * x[n, k0 + i]
+            if m < 0:
+                m = 0
+            for c in range(C):
+                d = (m >> (c * dac)) & mask
+                D[c, n, i] = d
+                if d != 0:
+                    act[c, n] = True
+                    sq[c, n] += d * d
+
+
+@njit(cache=True)
 def add_noise(v, rows, amp, z):
     """``v[rows[k], :] += amp[rows[k]] * z[k, :]``: the read noise of the driven vectors."""
     for k in range(rows.shape[0]):
@@ -355,19 +378,25 @@ class NoisyCrossbarGemm(CrossbarGemm):
             else:
                 rng_a = st_a = np.ones(W)
             vseg = None
+            nr = k1 - k0
+            D = np.empty((C, nb, nr), dtype=self._dtype)
+            act = np.empty((C, nb), dtype=np.bool_)
+            sq = np.empty((C, nb), dtype=np.float64)
             for p in range(passes):
-                mag = np.maximum(x[:, k0:k1], 0) if p == 0 else np.maximum(-x[:, k0:k1], 0)
+                digit_planes(x, k0, k1, 1 if p == 0 else -1, dac, D, act, sq)
+                on = act.any(1)
                 La = np.zeros((nb, W), dtype=np.float64)
+                if on.any():
+                    # every cycle's column sums in one product: (C * nb, nr) @ (nr, W)
+                    V = _column_sums(D.reshape(C * nb, nr), G).reshape(C, nb, W)
                 for c in range(C):
-                    dg = (mag >> (c * dac)) & dmask
-                    act = dg.any(1)
-                    if not act.any():
-                        continue
-                    v = _column_sums(dg.astype(self._dtype), G)             # (nb, W)
+                    if not on[c]:
+                        continue                  # no word line driven: every sum is 0
+                    v = V[c]
                     if sig > 0:
-                        amp = sig * np.sqrt((dg * dg).sum(1)).astype(np.float64)
+                        amp = sig * np.sqrt(sq[c])
                         for a, b, gen in groups:
-                            rows_on = np.flatnonzero(act[a:b]) + a
+                            rows_on = np.flatnonzero(act[c, a:b]) + a
                             if rows_on.size:          # only the vectors driving a word line
                                 add_noise(v, rows_on, amp,
                                           gen.standard_normal((rows_on.size, W), dtype=np.float32))
