@@ -377,3 +377,34 @@ def test_sweep_over_the_chip_seed():
                 "grid": {"crossbar.device.seed": [0, 1, 2]}})
     assert [p.cfg.crossbar.dev.seed for p in sw.points] == [0, 1, 2]
     assert all(p.cfg.crossbar.dev.programming_noise == 0.02 for p in sw.points)
+
+
+def test_grouped_layer_ideal_equality_noise_per_group_and_fits():
+    """A grouped convolution (3 groups, each on arrays of its own): ideal cells equal
+    CrossbarGemm; noisy cells differ per group (each group's cells have their own key); the
+    per-slice fit and the tile compensation run through the groups."""
+    rng = np.random.default_rng(3)
+    g, cg, og = 3, 4, 6
+    O, K = g * og, cg * 9
+    grid = Granularity.tile(3, 20).resolve(O, K, g)
+    wq = rng.integers(-7, 8, (O, K))
+    scales = rng.uniform(1e-3, 1e-1, grid.shape)
+    x = torch.from_numpy(rng.integers(-31, 32, (4, g * cg, 5, 5)).astype(np.float32))
+    xb = Crossbar(rows=16, cols=32, signed="offset", adc_bits=7)
+    a = CrossbarGemm(wq, grid, scales, xb, 4, 6, shortcut=False)
+    b = NoisyCrossbarGemm(wq, grid, scales, xb, 4, 6)
+    ya, yb = (op.conv(x, 0.1, (3, 3), padding=(1, 1)) for op in (a, b))
+    np.testing.assert_array_equal(ya.view(np.uint32), yb.view(np.uint32))
+    assert a.clipped == b.clipped
+    noisy = dataclasses.replace(xb, device=dev(programming_noise=0.05), compensation="tile",
+                                adc_range="calibrated_slice")
+    n = NoisyCrossbarGemm(wq, grid, scales, noisy, 4, 6)
+    assert len({p.key for p in n.parts}) == g                # layer-name keys per group
+    assert not np.array_equal(n.parts[0].G[0], n.parts[1].G[0])
+    n.start_fit()
+    n.conv(x, 0.1, (3, 3), padding=(1, 1))
+    ranges = n.finish_fit()
+    assert np.asarray(ranges).shape == (n.n_arrays, 2)
+    y = n.conv(x, 0.1, (3, 3), padding=(1, 1))
+    assert n.factors.shape == grid.shape and np.isfinite(y).all()
+    assert np.abs(y - ya).mean() < 0.5 * np.abs(ya).mean()

@@ -301,9 +301,7 @@ class NoisyCrossbarGemm(CrossbarGemm):
             sl = [p.finish_fit() for p in self.parts]
             self.slice_ranges = np.concatenate(sl)
             self.recording = False
-            self._parts_recording = False
-            self.ranges = self.slice_ranges.max(1)
-            self._set_tables()
+            self.set_ranges(self.slice_ranges.max(1))       # the parts' tables too
             self._comp = None
             return self.slice_ranges
         self.recording = False
