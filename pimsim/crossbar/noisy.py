@@ -171,13 +171,18 @@ def digit_planes(x, k0, k1, sign, dac, D, act, sq):
 
 
 @njit(cache=True)
-def add_noise(v, rows, amp, z):
-    """``v[rows[k], :] += amp[rows[k]] * z[k, :]``: the read noise of the driven vectors."""
-    for k in range(rows.shape[0]):
-        n = rows[k]
-        a = amp[n]
-        for j in range(v.shape[1]):
-            v[n, j] += a * z[k, j]
+def add_noise(v, act, amp, Z, cursor, owner):
+    """Read noise of one cycle: every driven row n (``act[n]``) takes the next ``W`` normals
+    of its image's stream ``Z[cursor[owner[n]]:]``: ``v[n, :] += amp[n] * z``."""
+    W = v.shape[1]
+    for n in range(v.shape[0]):
+        if act[n]:
+            k = owner[n]
+            pos = cursor[k]
+            a = amp[n]
+            for j in range(W):
+                v[n, j] += a * Z[pos + j]
+            cursor[k] = pos + W
 
 
 class NoisyCrossbarGemm(CrossbarGemm):
@@ -354,15 +359,36 @@ class NoisyCrossbarGemm(CrossbarGemm):
         # per-image pieces of this chunk and their read-noise generators
         img, piece = self._img if self._img is not None else \
             (np.arange(nb), np.zeros(nb, np.int64))
+        QO, W = Q * O, Q * O + aps * R                  # weight columns, + reference columns
+        # the DAC digits of every segment, pass and cycle
+        planes = []
+        for s in range(lm.segments):
+            k0, k1 = self.seg_bounds[s], self.seg_bounds[s + 1]
+            per_pass = []
+            for p in range(passes):
+                D = np.empty((C, nb, k1 - k0), dtype=self._dtype)
+                act = np.empty((C, nb), dtype=np.bool_)
+                sq = np.empty((C, nb), dtype=np.float64)
+                digit_planes(x, k0, k1, 1 if p == 0 else -1, dac, D, act, sq)
+                per_pass.append((D, act, sq))
+            planes.append(per_pass)
         if sig > 0:
+            # one read-noise stream per image (piece): W normals per driven (segment, pass,
+            # cycle, vector), consumed in that order; drawn with one call per image
             cut = np.flatnonzero(np.diff(img) | np.diff(piece)) + 1
             bounds = np.concatenate([[0], cut, [nb]])
-            groups = [(int(a), int(b), self._rng(self._stream, img[a], piece[a]))
-                      for a, b in zip(bounds[:-1], bounds[1:])]
+            owner = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+            driven = sum(a.sum(0) for per_pass in planes for _, a, _ in per_pass)   # (nb,)
+            counts = np.add.reduceat(driven, bounds[:-1]) * W if nb else np.zeros(0, int)
+            cursor = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            Z = np.empty(int(counts.sum()), dtype=np.float32)
+            for gi, (a, n) in enumerate(zip(bounds[:-1], counts)):
+                if n:
+                    self._rng(self._stream, img[a], piece[a]).standard_normal(
+                        out=Z[cursor[gi]:cursor[gi] + n], dtype=np.float32)
         P = np.zeros((self.grid.n_col_blocks, nb, O), dtype=np.float64)
         nclip = 0
         colt = np.repeat(self.col_t, O)                                   # (Q*O,)
-        QO, W = Q * O, Q * O + aps * R                  # weight columns, + reference columns
         for s in range(lm.segments):
             k0, k1 = self.seg_bounds[s], self.seg_bounds[s + 1]
             garr = s * aps + self.col_arr.reshape(-1)                      # (Q*O,)
@@ -377,11 +403,8 @@ class NoisyCrossbarGemm(CrossbarGemm):
                 rng_a = st_a = np.ones(W)
             vseg = None
             nr = k1 - k0
-            D = np.empty((C, nb, nr), dtype=self._dtype)
-            act = np.empty((C, nb), dtype=np.bool_)
-            sq = np.empty((C, nb), dtype=np.float64)
             for p in range(passes):
-                digit_planes(x, k0, k1, 1 if p == 0 else -1, dac, D, act, sq)
+                D, act, sq = planes[s][p]
                 on = act.any(1)
                 La = np.zeros((nb, W), dtype=np.float64)
                 if on.any():
@@ -392,12 +415,7 @@ class NoisyCrossbarGemm(CrossbarGemm):
                         continue                  # no word line driven: every sum is 0
                     v = V[c]
                     if sig > 0:
-                        amp = sig * np.sqrt(sq[c])
-                        for a, b, gen in groups:
-                            rows_on = np.flatnonzero(act[c, a:b]) + a
-                            if rows_on.size:          # only the vectors driving a word line
-                                add_noise(v, rows_on, amp,
-                                          gen.standard_normal((rows_on.size, W), dtype=np.float32))
+                        add_noise(v, act[c], sig * np.sqrt(sq[c]), Z, cursor, owner)
                     if rec:
                         np.maximum.at(self.seen_slice, (g_all, t_all), v.max(0))
                     nclip += adc_accumulate(v, rng_a, st_a, 0 if tab is None else levels,
