@@ -154,20 +154,23 @@ def digit_planes(x, k0, k1, sign, dac, D, act, sq):
     the row drives a word line in cycle c; ``sq[c, n] = sum_i D[c, n, i]^2``."""
     C, nb, nr = D.shape
     mask = (1 << dac) - 1
+    m = np.empty(nr, dtype=np.int64)
     for n in range(nb):
-        for c in range(C):
-            act[c, n] = False
-            sq[c, n] = 0.0
         for i in range(nr):
-            m = sign * x[n, k0 + i]
-            if m < 0:
-                m = 0
-            for c in range(C):
-                d = (m >> (c * dac)) & mask
+            v = sign * x[n, k0 + i]
+            m[i] = v if v > 0 else 0
+        for c in range(C):
+            sh = c * dac
+            a = False
+            q = 0.0
+            for i in range(nr):
+                d = (m[i] >> sh) & mask
                 D[c, n, i] = d
                 if d != 0:
-                    act[c, n] = True
-                    sq[c, n] += d * d
+                    a = True
+                    q += d * d
+            act[c, n] = a
+            sq[c, n] = q
 
 
 @njit(cache=True)
