@@ -408,3 +408,30 @@ def test_grouped_layer_ideal_equality_noise_per_group_and_fits():
     y = n.conv(x, 0.1, (3, 3), padding=(1, 1))
     assert n.factors.shape == grid.shape and np.isfinite(y).all()
     assert np.abs(y - ya).mean() < 0.5 * np.abs(ya).mean()
+
+
+def test_run_reports_every_chip_and_a_chip_is_the_same_in_another_run(tmp_path):
+    """pimsim run with 3 chips: top1 is their mean, the spread is reported, and chip 1 of that
+    run is the chip of a separate run with crossbar.device.seed 1 (same accuracy)."""
+    import json
+
+    from pimsim.cli import main
+    from pimsim.testing import data_dir_or_skip
+    data_dir_or_skip()
+    from pathlib import Path
+    cfg = Path(__file__).resolve().parents[1] / "hwconfigs" / "isaac.yaml"
+    sets = ["--set", "quant.calibration=max", "--set", "quant.calib_images=16",
+            "--set", "eval.threads=1", "--set", "crossbar.device.programming_noise=0.08",
+            "--set", "crossbar.device.read_noise=0.01"]
+    out3, out1 = tmp_path / "three.json", tmp_path / "one.json"
+    assert main(["run", str(cfg), "--limit", "12", "-q", "--out", str(out3)] + sets
+                + ["--set", "crossbar.device.instances=3"]) == 0
+    assert main(["run", str(cfg), "--limit", "12", "-q", "--out", str(out1)] + sets
+                + ["--set", "crossbar.device.seed=1"]) == 0
+    r3, r1 = json.loads(out3.read_text()), json.loads(out1.read_text())
+    tops = r3["top1_instances"]
+    assert r3["chip_seeds"] == [0, 1, 2] and len(tops) == 3
+    assert r3["top1"] == pytest.approx(sum(tops) / 3)
+    assert r3["top1_sd"] == pytest.approx(float(np.std(tops, ddof=1)))
+    assert (r3["top1_min"], r3["top1_max"]) == (min(tops), max(tops))
+    assert r1["chip_seeds"] == [1] and r1["top1"] == tops[1]
