@@ -435,3 +435,22 @@ def test_run_reports_every_chip_and_a_chip_is_the_same_in_another_run(tmp_path):
     assert r3["top1_sd"] == pytest.approx(float(np.std(tops, ddof=1)))
     assert (r3["top1_min"], r3["top1_max"]) == (min(tops), max(tops))
     assert r1["chip_seeds"] == [1] and r1["top1"] == tops[1]
+
+
+def test_bitline_layout_puts_every_column_on_its_own_bit_line():
+    """Two arrays per segment (row blocks of 5 outputs x 2 columns, 12 bit lines, 2 of them
+    reference): every (array, bit line) is used once, weight columns before the reference
+    ones, the arrays those of the mapping."""
+    xb = Crossbar(rows=16, cols=12, cell_bits=2, signed="offset",
+                  device=dev(programming_noise=0.01))
+    grid = Granularity.tile(5, 16).resolve(10, 16)
+    op = NoisyCrossbarGemm(np.zeros((10, 16), int), grid, np.ones(grid.shape), xb, 4, 6)
+    arr, line = op.bitline_layout()
+    assert op.aps == 2 and len(arr) == op.G_all[0].shape[1]
+    assert len(set(zip(arr.tolist(), line.tolist()))) == len(arr)
+    assert (line[:-4] < 10).all() and sorted(line[-4:].tolist()) == [10, 10, 11, 11]
+    np.testing.assert_array_equal(arr[:20], op.col_arr.reshape(-1))
+    # output 0's two columns are bit lines 0 and 1 of array 0, output 5's of array 1
+    O = 10
+    assert (arr[0], line[0], arr[O], line[O]) == (0, 0, 0, 1)
+    assert (arr[5], line[5], arr[O + 5], line[O + 5]) == (1, 0, 1, 1)

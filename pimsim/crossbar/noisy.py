@@ -19,8 +19,10 @@ and the ADC's input stage divides by ``delta``, so the ADC sees
 = one level step times one input unit): the device deviations (programming noise, stuck
 cells, and the drift of the ``g_min`` part as well as of the level part) stay in the sum, as
 they would on a chip whose reference is not a drifting cell. ``_column_sums(d, G)`` is this
-one step (float32 BLAS when every exact column sum fits 24 bits, else float64) and the place
-where a wire-resistance model replaces the ideal sum.
+one step (float32 BLAS when every exact column sum fits 24 bits, else float64; called with the
+digits of all cycles of a segment and pass stacked, ``(cycles * N, word lines)``, and the
+segment's weight and reference columns side by side) and the place where a wire-resistance
+model replaces the ideal sum; ``bitline_layout()`` gives each column's array and bit line.
 
 Read noise: each cell read with a fresh ``N(0, read_noise)`` deviation makes the column sum's
 noise ``N(0, (read_noise / delta)^2 * sum_i d_i^2)`` -- drawn per column sum, exactly that
@@ -234,6 +236,23 @@ class NoisyCrossbarGemm(CrossbarGemm):
                            for a, b in zip(self.levels, self.ref_levels)]
         full = max(xb.full_range(r) for r in np.diff(self.seg_bounds))
         self._dtype = np.float32 if full < (1 << 24) else np.float64
+
+    def bitline_layout(self):
+        """(array within the segment, bit line) of every column of the segment's conductance
+        matrices ``G_all[s]`` (weight columns ``q * O + o``, then reference columns
+        ``a * R + t``): on each array the weight columns are filled in (output, column) order
+        from bit line 0, the reference columns take the last ``R`` bit lines. Word line i of a
+        segment is row i of ``G_all[s]``. For models that need positions (wire resistance)."""
+        O, Q = self.grid.O, len(self.col_set)
+        arr = self.col_arr.reshape(-1)                                  # (Q*O,), index q*O+o
+        order = np.lexsort((np.repeat(np.arange(Q), O), np.tile(np.arange(O), Q), arr))
+        line = np.empty(Q * O, dtype=np.int64)
+        for a in range(self.aps):
+            idx = order[arr[order] == a]
+            line[idx] = np.arange(idx.size)
+        ref_arr = np.repeat(np.arange(self.aps), self.R)
+        ref_line = self.crossbar.cols - self.R + np.tile(np.arange(self.R), self.aps)
+        return np.concatenate([arr, ref_arr]), np.concatenate([line, ref_line])
 
     def program(self, seed: int) -> None:
         """Program the cells as chip ``seed``: every cell's state drawn from
