@@ -117,9 +117,10 @@ def single_thread_blas():
 
 
 def _column_sums(d: np.ndarray, G: np.ndarray) -> np.ndarray:
-    """``v[n, j] = sum_i d[n, i] * G[i, j]``: the analog column sums of one input cycle
-    (``d`` (N, R) DAC digits, ``G`` (R, C) conductances in level units), float64 (N, C)."""
-    return np.matmul(d, G).astype(np.float64, copy=False)
+    """``v[n, j] = sum_i d[n, i] * G[i, j]``: the analog column sums (``d`` (N, R) DAC digits
+    of the driven word lines, ``G`` (R, C) conductances in level units), (N, C) in the dtype
+    of ``G`` (float32 holds every exact sum of ideal cells, see ``NoisyCrossbarGemm``)."""
+    return np.matmul(d, G)
 
 
 @njit(cache=True)
@@ -133,10 +134,10 @@ def adc_accumulate(v, rng, step, levels, sh, L):
         k = 0
         if levels == 0:
             for j in range(C):
-                L[n, j] += v[n, j] * sh
+                L[n, j] += np.float64(v[n, j]) * sh
         else:
             for j in range(C):
-                x = v[n, j]
+                x = np.float64(v[n, j])
                 if x > rng[j]:
                     k += 1
                 if x < 0.0:
