@@ -211,7 +211,8 @@ def plot(summ: dict, path: Path) -> None:
         ax.set_xlabel(key)
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     ax = axes[1]
     for comp in COMPENSATION:
         pts = [(TIMES[p["value"]], p) for p in summ.values()
@@ -223,7 +224,8 @@ def plot(summ: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("t_inference (s), PCM model")
     ax.grid(alpha=0.3)
-    ax.legend(title="compensation")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title="compensation")
     axes[0].set_title("(a) programming noise")
     axes[1].set_title("(b) PCM drift")
     axes[2].set_title("(d) stuck cells")
