@@ -87,15 +87,15 @@ def pack_weights(wq, w_bits: int, signed: str, seg_bounds, words: int) -> np.nda
 # --------------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True)
-def pack_inputs(x, seg_bounds, a_bits, passes, words, out):
+def pack_inputs(x, seg_bounds, na, passes, words, out):
     """Input magnitude bit-planes of the rows of ``x`` (nb x K, integer values) into ``out``
-    uint64 (nb, passes, S, a_bits - 1, words): pass 0 packs ``max(x, 0)``, pass 1 (when
+    uint64 (nb, passes, S, na, words), ``na`` magnitude bits (a_bits - 1 for signed a_bits-bit
+    inputs, a_bits for unsigned ones): pass 0 packs ``max(x, 0)``, pass 1 (when
     ``passes == 2``) ``max(-x, 0)``; bit kk of word w of segment s is input k0_s + 64 w + kk.
-    Returns the number of values outside the symmetric range ``[-(2^(a-1)-1), 2^(a-1)-1]``
-    (or negative with ``passes == 1``): they are not packed correctly, the caller raises."""
+    Returns the number of values outside ``[-(2^na - 1), 2^na - 1]`` (or negative with
+    ``passes == 1``): they are not packed correctly, the caller raises."""
     nb, K = x.shape
     S = seg_bounds.shape[0] - 1
-    na = a_bits - 1
     hi = (1 << na) - 1
     lo = -hi if passes == 2 else 0
     bad = np.zeros(nb, dtype=np.int64)
@@ -288,11 +288,13 @@ def adc_lut(step, vmax: int, adc_levels: int) -> np.ndarray:
 
 
 def array_psums_reference(wq, xt, w_bits, a_bits, signed, cell_bits, dac_bits, seg_bounds,
-                          seg_col, n_col_blocks, col_arr, aps, ranges, adc_bits, passes):
+                          seg_col, n_col_blocks, col_arr, aps, ranges, adc_bits, passes,
+                          a_unsigned=False):
     """int64 matrix products per (segment, pass, cycle, column): returns (P (J, N, O) float64,
     clipped conversions (int), largest column sum per global array (G,) int64).
 
-    ``xt``: N x K integer inputs; ``ranges`` (G,): ADC range per global array (ignored when
+    ``xt``: N x K integer inputs (``a_unsigned``: in ``[0, 2^a - 1]``, a_bits magnitude
+    bits); ``ranges`` (G,): ADC range per global array (ignored when
     ``adc_bits == 0``, ideal). Same float operations in the same order as ``array_psums``."""
     x = np.asarray(xt).astype(np.int64)
     N = x.shape[0]
@@ -300,7 +302,7 @@ def array_psums_reference(wq, xt, w_bits, a_bits, signed, cell_bits, dac_bits, s
     vals = weight_planes(wq, w_bits, signed)                     # (n_sets, O, K)
     O = vals.shape[1]
     Q = len(sets)
-    na = a_bits - 1
+    na = a_bits if a_unsigned else a_bits - 1
     cycles = -(-na // dac_bits)
     S = len(seg_bounds) - 1
     G = S * aps

@@ -16,6 +16,7 @@ plus one layer's calibration, instead of every layer's float output at once.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import time
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .methods import get_method
 from .network import GemmLayer, LayerQuant, Network
-from .quant import Granularity
+from .quant import ACT_SIGNED, Granularity, act_unsigned
 
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul,
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
@@ -252,26 +253,39 @@ def symmetric_quant(q: LayerQuant, symmetric: bool) -> LayerQuant:
 
 
 def quantize_layer(fn, layer: GemmLayer, x: torch.Tensor, target, gran: Granularity,
-                   w_bits: int, a_bits: int, params: dict) -> None:
+                   w_bits: int, a_bits: int, params: dict, act_signed: str = "signed") -> None:
     """Quantize ``layer`` with method ``fn`` on its input ``x`` (and float output ``target``)
     and put it in fake mode, so that its quantized output feeds the next layer.
-    ``params["symmetric"]`` holds whatever the method does with it."""
+    ``params["symmetric"]`` holds whatever the method does with it. ``act_signed``
+    (``quant.act_signed``): whether the input is quantized unsigned, ``[0, 2^b - 1]``
+    (``pimsim.quant.act_unsigned`` of the calibration input's minimum); the method gets
+    ``params["act_unsigned"] = True`` then (and the result is marked unsigned)."""
+    unsigned = act_unsigned(act_signed, layer.name, float(x.min()) if x.numel() else 0.0)
+    if unsigned:
+        params = {**params, "act_unsigned": True}
     q = fn(layer, x, target, gran, w_bits, a_bits, params)
+    if q.act_unsigned != unsigned:
+        q = dataclasses.replace(q, act_unsigned=unsigned)
     layer.set_quant(symmetric_quant(q, bool(params.get("symmetric", False))))
     layer.mode = "fake"
 
 
 def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
               method: str = "max", float_layers="auto", progress: bool = True,
-              params: dict | None = None, symmetric: bool = False) -> dict:
+              params: dict | None = None, symmetric: bool = False,
+              act_signed: str = "signed") -> dict:
     """Quantize every GEMM layer of ``net`` except ``float_layers``, in network order.
 
     ``images`` is the (normalized) calibration batch; ``params`` method options;
     ``symmetric``: integers in ``[-(2^(b-1)-1), 2^(b-1)-1]``, the range crossbar arrays store
-    (the methods search their scales for it).
+    (the methods search their scales for it); ``act_signed``: ``signed`` (default), ``unsigned``
+    or ``auto``, the activation range per layer (``quantize_layer``).
     Returns ``{"calibration_s", "float_layers"}``.
     """
     m = get_method(method)
+    if act_signed not in ACT_SIGNED:
+        raise ValueError(f"quant.act_signed must be one of {', '.join(ACT_SIGNED)}, "
+                         f"got {act_signed!r}")
     params = method_params(params, symmetric)
     if m.check_params is not None:
         m.check_params(params)                    # fail before the pass, not at its first layer
@@ -283,7 +297,7 @@ def calibrate(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int
     bar = tqdm(total=len(todo), desc=f"calibrate ({method})", disable=not progress, leave=False)
 
     def visit(layer: GemmLayer, x: torch.Tensor, target):
-        quantize_layer(m.fn, layer, x, target, gran, w_bits, a_bits, params)
+        quantize_layer(m.fn, layer, x, target, gran, w_bits, a_bits, params, act_signed)
         bar.update(1)
 
     try:

@@ -67,22 +67,35 @@ def _print_notes(notes, skip=()) -> None:
             print(f"pimsim: note: {n}", file=sys.stderr)
 
 
+def _set_load(cfg, load_dir) -> None:
+    """``--load DIR``: ``quant.load`` of the config, as an absolute path (checked now)."""
+    from .config import resolve_load
+    if load_dir is not None:
+        cfg.data["quant"]["load"] = str(Path(load_dir).expanduser().absolute())
+        resolve_load(cfg)
+
+
 def _cmd_run(args) -> int:
     from .config import load
     from .kernels import set_threads
-    from .simulate import run
+    from .simulate import check_out_dir, run
     if args.out:
         check_out_file(args.out)
+    if args.out_dir:
+        check_out_dir(args.out_dir)
     cfg = load(args.config, args.set)
     _print_notes(cfg.notes)
     if args.backend:
         cfg.data["eval"]["backend"] = args.backend
+    _set_load(cfg, args.load)
     set_threads(cfg["eval.threads"])     # the command is the top level: its threads, process-wide
-    res = run(cfg, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)
+    res = run(cfg, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet,
+              out_dir=args.out_dir)
     _print_notes(res["notes"], skip=cfg.notes)
     q = res["config"]["quant"]
     print(f"model {cfg.model_label}  W{q['weight_bits']}A{q['act_bits']}  "
-          f"tile {cfg.granularity}  calibration {q['calibration']}  "
+          f"tile {cfg.granularity}  calibration "
+          f"{'loaded from ' + res['loaded'] if res.get('loaded') else q['calibration']}  "
           f"backend {res['config']['eval']['backend']}")
     print(f"checkpoint {res['checkpoint']}" if res["checkpoint"] is not None else
           "checkpoint none: the model's own initial weights (model.factory, no "
@@ -117,11 +130,36 @@ def _cmd_run(args) -> int:
         print(f"crossbar {res['crossbar']['name']}: {res['arrays']} arrays, utilization "
               f"{100 * res['utilization']:.1f}%, ADC clipped conversions "
               f"{'-' if clip is None else f'{100 * clip:.4f}%'}")
+    if res.get("export"):
+        ex = res["export"]
+        print(f"wrote {', '.join(ex['files'])} into {ex['dir']}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .config import load
+    from .kernels import set_threads
+    from .simulate import check_out_dir, export
+    check_out_dir(args.out)
+    cfg = load(args.config, args.set)
+    _print_notes(cfg.notes)
+    _set_load(cfg, args.load)
+    set_threads(cfg["eval.threads"])
+    res = export(cfg, args.out, data_dir=args.data_dir, progress=not args.quiet,
+                 onnx=not args.no_onnx)
+    _print_notes(res["notes"])
+    q = cfg.data["quant"]
+    print(f"model {cfg.model_label}  W{q['weight_bits']}A{q['act_bits']}  tile {cfg.granularity}  "
+          f"calibration {'loaded from ' + res['loaded'] if res['loaded'] else q['calibration']} "
+          f"({res['calibration_s']:.1f}s); {len(res['layers'])} quantized layers, "
+          f"{sum(l['scales'] for l in res['layers'])} tiles; float layers: "
+          f"{', '.join(res['float_layers']) or '-'}")
+    print(f"wrote {', '.join(res['files'])} into {res['dir']}")
     return 0
 
 
@@ -216,8 +254,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "cifar-100-python/ (overrides data.dir)")
     r.add_argument("--backend", choices=("kernel", "fake", "crossbar"), default=None,
                    help="override eval.backend")
+    r.add_argument("--load", default=None, metavar="DIR",
+                   help="reload the calibration of a pimsim export folder instead of "
+                        "calibrating (sets quant.load)")
+    r.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="also write the run's calibration there, as pimsim export --out does "
+                        "(tiles.safetensors, manifest.json, tiles.csv, model.onnx)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
+
+    ex = sub.add_parser("export", help="calibrate and write the calibration: tiles, manifest, "
+                                       "CSV and ONNX model",
+                        description="Calibrate the configured network (or reload --load DIR) "
+                                    "without evaluating it and write DIR/tiles.safetensors "
+                                    "(integer weights, tile scales, activation scales, channel "
+                                    "orders, ADC ranges), DIR/manifest.json, DIR/tiles.csv and "
+                                    "DIR/model.onnx (opset-21 QDQ, needs the onnx extra).")
+    ex.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key by dotted path, value read as YAML; repeatable")
+    ex.add_argument("--out", required=True, metavar="DIR", help="export folder (made if needed)")
+    ex.add_argument("--load", default=None, metavar="DIR",
+                    help="reload this export folder's calibration instead of calibrating")
+    ex.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ or "
+                         "cifar-100-python/ (overrides data.dir)")
+    ex.add_argument("--no-onnx", action="store_true", help="do not write model.onnx")
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    ex.set_defaults(fn=_cmd_export)
 
     co = sub.add_parser("cost", help="memory, compute, array, energy and latency cost of a config",
                         description="Per-layer and total cost of the configured network on its "
@@ -276,11 +339,12 @@ def main(argv=None) -> int:
     from .data import DataError, DataNotFoundError, FetchError
     from .models import CheckpointError, ModelFactoryError
     from .network import UnsupportedModelError
+    from .export import TilesError
     from .plots import ResultsError
     try:
         return args.fn(args)
     except (ConfigError, DataNotFoundError, DataError, FetchError, UnsupportedModelError,
-            CheckpointError, ModelFactoryError, ResultsError, OutputError,
+            CheckpointError, ModelFactoryError, ResultsError, OutputError, TilesError,
             FileNotFoundError) as e:
         print(f"pimsim: error: {e}", file=sys.stderr)
         return 2

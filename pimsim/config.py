@@ -23,7 +23,7 @@ from .crossbar import Crossbar
 from .methods import get_method, method_names
 from .ptqsl import DEFAULTS as SEARCH_DEFAULTS
 from .ptqsl import check_params as check_search_params
-from .quant import Granularity, MAX_BITS, MIN_BITS
+from .quant import ACT_SIGNED, Granularity, MAX_BITS, MIN_BITS
 from .reorder.search import METHODS as REORDER_METHODS
 from .reorder.search import ReorderParams
 from .schema import (Key, boolean, int_in, keys_of, non_empty_str, one_of, optional,
@@ -71,6 +71,8 @@ def _search(v):
     if "symmetric" in v:
         return ("symmetric is not a search option: calibration uses the symmetric integer range "
                 "exactly when the config has a crossbar: section")
+    if "act_unsigned" in v:
+        return "act_unsigned is not a search option: use quant.act_signed (signed, unsigned, auto)"
     try:
         check_search_params(v)
     except ValueError as e:
@@ -88,7 +90,7 @@ def _float_layers(v):
 
 # quant.search: the PTQ-SL search options of YAML (quant.metric and the symmetric range are set
 # elsewhere); their defaults are pimsim.ptqsl.SearchParams
-_SEARCH_YAML = tuple(k for k in SEARCH_DEFAULTS if k not in ("metric", "symmetric"))
+_SEARCH_YAML = tuple(k for k in SEARCH_DEFAULTS if k not in ("metric", "symmetric", "act_unsigned"))
 
 
 def _factory(v):
@@ -140,6 +142,11 @@ class QuantSection:
 
     weight_bits: int = setting(4, "weight bits b_w", int_in(MIN_BITS, MAX_BITS))
     act_bits: int = setting(8, "activation bits b_a", int_in(MIN_BITS, MAX_BITS))
+    act_signed: str = setting("signed", "activation range per layer: signed [-(2^(b-1)-1) or "
+                              "-2^(b-1), 2^(b-1)-1]; unsigned [0, 2^b - 1] (every quantized "
+                              "layer's calibration input must be >= 0); auto: unsigned for a "
+                              "layer whose calibration input is >= 0 (after ReLU), else signed",
+                              one_of(ACT_SIGNED))
     tile: object = setting("channelwise", "sub-matrix shape: channelwise, layerwise, [r, c] "
                            "(Method 1) or [r, null] with splits (Method 2)", _tile)
     splits: int | None = setting(None, "m of Method 2: c = ceil(K / m)", optional(int_in(1)))
@@ -155,6 +162,9 @@ class QuantSection:
     seed: int = setting(0, "seed of the calibration image draw", int_in(0))
     float_layers: object = setting("auto", "layers kept in float: auto (first and last) or a "
                                    "list of names", _float_layers)
+    load: str | None = setting(None, "folder written by pimsim export (or run --out-dir) whose "
+                               "calibration is reloaded instead of calibrating; null = "
+                               "calibrate", optional(non_empty_str))
 
 
 def _numbers(positive: bool):
@@ -519,6 +529,24 @@ def resolve_checkpoint(cfg: Config, data_dir: Path | None) -> Path | None:
         hint = f"; pimsim fetch --what models --dest {dest} downloads {p.name}"
     raise _err(cfg.source, "model.checkpoint", ckpt,
                "file not found; looked in " + ", ".join(str(c) for c in looked) + hint)
+
+
+def resolve_load(cfg: Config) -> Path | None:
+    """The folder of ``quant.load`` (None: calibrate). A relative path is looked up in the
+    working directory, then beside the YAML file; ConfigError naming the key when neither is a
+    folder."""
+    d = cfg["quant.load"]
+    if d is None:
+        return None
+    p = Path(d).expanduser()
+    looked = [p] if p.is_absolute() else [Path.cwd() / p]
+    if not p.is_absolute() and cfg.source not in ("<config>", "<defaults>"):
+        looked.append(Path(cfg.source).resolve().parent / p)
+    for cand in looked:
+        if cand.is_dir():
+            return cand
+    raise _err(cfg.source, "quant.load", d, "no such folder; looked in "
+               + ", ".join(str(c) for c in looked) + " (give a folder written by pimsim export)")
 
 
 def read_yaml(path, what: str = "config file"):

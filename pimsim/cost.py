@@ -16,7 +16,10 @@ Per quantized layer (O x K weight matrix, tile grid of ``row_blocks x col_blocks
 ``P`` output pixels per inference, for a linear layer 1, or T on a B x T x F token input; the
 mapping gives ``segments`` = sum_j ceil(c_j / rows) array-row segments and ``arrays``; ``aps = arrays / segments`` arrays
 side by side along the bit lines of every segment; ``cyc = input_cycles(a_bits) *
-input_passes`` DAC cycles per input vector):
+input_passes`` DAC cycles per input vector, where ``input_cycles = ceil((a_bits - 1) /
+dac_bits)`` for a signed input and ``cost.input_passes`` its passes, and for an unsigned input
+(``quant.act_signed`` unsigned / auto: ``[0, 2^a - 1]``) ``input_cycles = ceil(a_bits /
+dac_bits)`` in one pass, whatever ``cost.input_passes`` says):
 
 memory   weight_bits     = O * K * w_bits
          scales          = row_blocks * col_blocks
@@ -122,9 +125,10 @@ class CostParams:
                                    positive_number)
     digital_lanes: int = setting(128, "digital operations per step (multiply/add lanes)",
                                  int_in(1))
-    input_passes: int = setting(1, "bit-serial passes per input vector: 1 = non-negative "
-                                "(post-ReLU) inputs, 2 = signed inputs (positive and negative "
-                                "parts)", int_in(1, 2))
+    input_passes: int = setting(1, "bit-serial passes per signed input vector: 1 = "
+                                "non-negative (post-ReLU) inputs, 2 = signed inputs (positive "
+                                "and negative parts); unsigned inputs (quant.act_signed) always "
+                                "take 1", int_in(1, 2))
     overlap_digital: bool = setting(False, "true: a pixel's digital work (rescale, partial sums) "
                                     "overlaps the next pixel's array cycles (two-stage "
                                     "pipeline); false: one after the other (conservative)",
@@ -228,7 +232,8 @@ def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None)
     O, K, P = lm.O, lm.K, pixels
     seg = lm.segments
     aps = lm.arrays_per_segment
-    cyc = lm.input_cycles * params.input_passes
+    passes = 1 if lm.a_unsigned else params.input_passes
+    cyc = lm.input_cycles * passes
     scales = lm.row_blocks * lm.col_blocks
     weight_bits = O * K * lm.w_bits
     scale_bits = scales * crossbar.scale_bits
@@ -239,7 +244,7 @@ def layer_cost(lm, pixels: int, crossbar, params: CostParams, chw=None, lw=None)
     digital = rescale + psum
     used_cols = lm.used_columns
     array_reads = lm.arrays * cyc * P
-    adc = adc_conversions(lm, P, params.input_passes)
+    adc = adc_conversions(lm, P, passes)
     dac = lm.groups * K * aps * cyc * P
     shift_adds = adc
     buffer = lm.groups * K * P + O * P + rescale
@@ -399,6 +404,33 @@ def config_network(cfg, checkpoint=None, num_classes: int | None = None, input_s
                          input_shape=tuple(input_shape), strict=cfg["model.strict"])
 
 
+def probe_unsigned(net, layers, act_signed: str) -> dict:
+    """``{layer name: unsigned}`` for an uncalibrated network under ``quant.act_signed``: for
+    ``auto`` / ``unsigned``, the inputs of ``layers`` on 4 standard-normal images (seed 0)
+    through the float network decide (``pimsim.quant.act_unsigned`` of their minimum): a
+    post-ReLU input is never negative, any other input is with probability ~1."""
+    import torch
+
+    from .quant import act_unsigned
+    if act_signed == "signed" or not layers:
+        return {l.name: False for l in layers}
+    mins = {}
+
+    def hook(name):
+        def record(module, args):
+            mins[name] = min(mins.get(name, math.inf), float(args[0].min()))
+        return record
+    hooks = [l.register_forward_pre_hook(hook(l.name)) for l in layers]
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            net(torch.randn(4, *net.input_shape, generator=g))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {l.name: act_unsigned(act_signed, l.name, mins.get(l.name, 0.0)) for l in layers}
+
+
 def config_mapping(cfg, net):
     """The ``Mapping`` of ``net`` as the config places it, on ``crossbar_of(cfg)``: the layers
     calibration quantizes (all but ``quant.float_layers``) with their grids — ``layer.quant``
@@ -410,12 +442,14 @@ def config_mapping(cfg, net):
     xb, strict = crossbar_of(cfg)
     gran, wb, ab = cfg.granularity, cfg["quant.weight_bits"], cfg["quant.act_bits"]
     if net.quantized_layers:
-        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits)
-                 for l in net.quantized_layers]
+        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits,
+                           a_unsigned=l.quant.act_unsigned) for l in net.quantized_layers]
     else:
         keep = resolve_float_layers(net, cfg["quant.float_layers"])
-        specs = [LayerSpec(l.name, l.O, l.K, gran.resolve(l.O, l.K, l.groups), wb, ab)
-                 for l in net.layers if l.name not in keep]
+        todo = [l for l in net.layers if l.name not in keep]
+        uns = probe_unsigned(net, todo, cfg["quant.act_signed"])
+        specs = [LayerSpec(l.name, l.O, l.K, gran.resolve(l.O, l.K, l.groups), wb, ab,
+                           a_unsigned=uns[l.name]) for l in todo]
     return Mapping.from_layers(specs, xb, strict=strict, granularity=gran)
 
 

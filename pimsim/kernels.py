@@ -11,7 +11,9 @@ Why the fast path is exact
 --------------------------
 The partial sums are computed by BLAS on integer-valued floats. Every term ``Wq[o,k] * Xq[k,n]``
 is an integer of magnitude at most ``2^(bw-1) * 2^(ba-1)`` and every partial sum that any BLAS
-summation order can form is an integer of magnitude at most ``B = c * 2^(bw-1) * 2^(ba-1)``.
+summation order can form is an integer of magnitude at most ``B = c * 2^(bw-1) * 2^(ba-1)``
+(unsigned activations in ``[0, 2^ba - 1]``, ``quant.act_signed``: ``2^ba`` instead of
+``2^(ba-1)``).
 IEEE binary32 represents every integer of magnitude <= 2^24 exactly, so when ``B <= 2^24`` each
 product and each addition in an ``sgemm`` is exact, whatever the blocking, order or FMA use, and
 ``P_j`` comes out as the exact integer. When ``B > 2^24`` the same holds for binary64 up to 2^53
@@ -48,14 +50,15 @@ PATHS = ("auto", "f32", "f64", "int")
 _CHUNK_BYTES = 1 << 22
 
 
-def psum_bound(c: int, w_bits: int, a_bits: int) -> int:
-    """Largest magnitude a tile partial sum of c columns can take: ``c * 2^(bw-1) * 2^(ba-1)``."""
-    return int(c) << (w_bits - 1) << (a_bits - 1)
+def psum_bound(c: int, w_bits: int, a_bits: int, a_unsigned: bool = False) -> int:
+    """Largest magnitude a tile partial sum of c columns can take: ``c * 2^(bw-1) * 2^(ba-1)``;
+    ``a_unsigned`` (inputs in ``[0, 2^ba - 1]``): ``c * 2^(bw-1) * 2^ba``."""
+    return int(c) << (w_bits - 1) << (a_bits if a_unsigned else a_bits - 1)
 
 
-def plan_path(c: int, w_bits: int, a_bits: int) -> str:
+def plan_path(c: int, w_bits: int, a_bits: int, a_unsigned: bool = False) -> str:
     """The cheapest exact path for tiles of c columns: ``f32``, ``f64`` or ``int``."""
-    b = psum_bound(c, w_bits, a_bits)
+    b = psum_bound(c, w_bits, a_bits, a_unsigned)
     if b <= F32_EXACT:
         return "f32"
     if b <= F64_EXACT:
@@ -203,7 +206,8 @@ class TiledGemm:
     ``grid``: the ``TileGrid``; ``scales``: ``grid.shape`` positive floats; ``clamp``: ``None``,
     a scalar or a ``grid.shape`` array of partial-sum limits L (clip to ``[-L, L]``);
     ``path``: ``auto`` (cheapest exact), ``f32``, ``f64`` or ``int`` — a float path whose bound
-    is not exact is refused.
+    is not exact is refused; ``a_unsigned``: the inputs are unsigned ``a_bits`` integers in
+    ``[0, 2^a - 1]`` (the exactness bound uses ``2^a``).
 
     The products are formed per column block j, in chunks of N, in the orientation in which
     BLAS reads the input as it is: ``W_j @ X_j`` for a K x N input, ``X_j^T @ W_j^T``
@@ -217,7 +221,7 @@ class TiledGemm:
     """
 
     def __init__(self, wq, grid: TileGrid, scales, w_bits: int | None = None,
-                 a_bits: int = 8, clamp=None, path: str = "auto"):
+                 a_bits: int = 8, clamp=None, path: str = "auto", a_unsigned: bool = False):
         wq = _as_numpy(wq)
         if wq.shape != (grid.O, grid.K):
             raise ValueError(f"weight shape {wq.shape} != grid {grid.O}x{grid.K}")
@@ -229,15 +233,17 @@ class TiledGemm:
         self.grid = grid
         self.w_bits = check_bits(w_bits if w_bits is not None else _bits_of(wq.dtype), "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
+        self.a_unsigned = bool(a_unsigned)
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        need = plan_path(grid.c, self.w_bits, self.a_bits)
+        need = plan_path(grid.c, self.w_bits, self.a_bits, self.a_unsigned)
         order = ("f32", "f64", "int")
         if path == "auto":
             path = need
         elif order.index(path) < order.index(need):
             raise ValueError(f"path {path!r} is not exact for c={grid.c}, "
-                             f"w_bits={self.w_bits}, a_bits={self.a_bits}: needs {need!r}")
+                             f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+                             f"{' unsigned' if self.a_unsigned else ''}: needs {need!r}")
         self.path = path
         self.scales = scales
         rb = grid.row_block_index()
@@ -413,7 +419,8 @@ class TiledGemm:
 
         ``layout="KN"``: ``xq`` is X (K x N) and the result is Y (O x N). ``layout="NK"``:
         ``xq`` is X^T (N x K, e.g. ``im2col`` of images) and the result is Y^T (N x O), the
-        channels-last conv output. Integer dtypes, or integer-valued floats within ``a_bits``.
+        channels-last conv output. Integer dtypes, or integer-valued floats within ``a_bits``
+        (signed, or ``[0, 2^a - 1]`` with ``a_unsigned``).
         ``out``: optional preallocated float32 result of that shape (any strides).
         """
         g = self.grid
@@ -446,10 +453,16 @@ class TiledGemm:
 
 
 def tiled_matmul(wq, xq, scales, grid: TileGrid, act_scale: float, *, w_bits=None,
-                 a_bits=None, clamp=None, bias=None, path: str = "auto") -> np.ndarray:
-    """One-shot Eq. 5 (see ``TiledGemm``); bits default to the operands' storage widths."""
-    a_bits = a_bits if a_bits is not None else _bits_of(_as_numpy(xq).dtype)
-    op = TiledGemm(wq, grid, scales, w_bits=w_bits, a_bits=a_bits, clamp=clamp, path=path)
+                 a_bits=None, clamp=None, bias=None, path: str = "auto",
+                 a_unsigned=None) -> np.ndarray:
+    """One-shot Eq. 5 (see ``TiledGemm``); bits default to the operands' storage widths
+    (``a_unsigned`` to whether ``xq`` has an unsigned integer dtype)."""
+    dt = _as_numpy(xq).dtype
+    a_bits = a_bits if a_bits is not None else _bits_of(dt)
+    if a_unsigned is None:
+        a_unsigned = bool(np.issubdtype(dt, np.unsignedinteger))
+    op = TiledGemm(wq, grid, scales, w_bits=w_bits, a_bits=a_bits, clamp=clamp, path=path,
+                   a_unsigned=a_unsigned)
     return op(xq, act_scale, bias=bias)
 
 

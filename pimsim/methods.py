@@ -6,7 +6,10 @@ layer's input in the (partly) quantized network, ``target`` its float output (No
 method was registered with ``needs_target=True``), ``params`` the method options (YAML
 ``quant.search.*`` and ``quant.metric``; ``params["symmetric"]``, present only when true, asks
 for integers in ``[-(2^(b-1)-1), 2^(b-1)-1]``; a method that ignores it gets its weights clamped
-to that range afterwards by ``pimsim.calibrate.quantize_layer``). ``check_params(params)``
+to that range afterwards by ``pimsim.calibrate.quantize_layer``; ``params["act_unsigned"]``,
+present only when true, says the layer's input is quantized unsigned, ``[0, 2^b - 1]``
+(``quant.act_signed``), so the activation scale should be searched for that range; the
+result is marked unsigned either way). ``check_params(params)``
 (optional) validates those options before any work starts and raises ValueError naming the bad
 key; ``pimsim.config`` calls it on ``{**quant.search, "metric": quant.metric}``.
 
@@ -25,7 +28,7 @@ import torch
 
 from . import ptqsl
 from .network import GemmLayer, LayerQuant
-from .quant import Granularity, max_scale, max_scales
+from .quant import Granularity, act_max_scale, max_scales
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,15 @@ def get_method(name: str) -> Method:
 def max_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_bits: int,
                a_bits: int, params: dict) -> LayerQuant:
     """``max`` calibration: ``max|W_ij| / (2^(b-1)-1)`` per tile, activation scale from
-    ``max|x|``. Reads no options (its scales never reach -2^(b-1), so the symmetric clamp of
+    ``max|x|`` over the activation range (``params["act_unsigned"]``: ``[0, 2^b - 1]``). Reads no
+    other option (its scales never reach -2^(b-1), so the symmetric clamp of
     ``quantize_layer`` leaves them exact)."""
     grid = gran.resolve(layer.O, layer.K, layer.groups)
     w_scales = max_scales(layer.weight_matrix(), grid, w_bits)
-    act_scale = float(max_scale(float(x.abs().max()), a_bits))
-    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"})
+    uns = bool((params or {}).get("act_unsigned", False))
+    act_scale = float(act_max_scale(float(x.abs().max()), a_bits, uns))
+    return LayerQuant(grid, w_scales, act_scale, w_bits, a_bits, info={"method": "max"},
+                      act_unsigned=uns)
 
 
 register_method("max", max_method)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .backends import backend_names, build_backend
 from .kernels import conv_out_hw
-from .quant import TileGrid, qrange, quantize_weight
+from .quant import TileGrid, act_qrange, int_dtype, qrange, quantize_weight
 
 DEFAULT_QUANT_MODE = "kernel"       # the mode a float layer switches to when it is quantized
 
@@ -110,6 +110,7 @@ class LayerQuant:
     clamp: object = None            # per-tile partial-sum limit (ADC range) or None
     info: dict = field(default_factory=dict)
     symmetric: bool = False         # integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)
+    act_unsigned: bool = False      # activations in [0, 2^b - 1] (quant.act_signed unsigned/auto)
 
     def weight_int(self, w: np.ndarray) -> np.ndarray:
         """The layer's integer weights under this quantization."""
@@ -226,16 +227,29 @@ class GemmLayer(nn.Module):
         return conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
 
     # -- quantization and backends -------------------------------------------------------------
-    def set_quant(self, q: LayerQuant) -> None:
+    def set_quant(self, q: LayerQuant, wq: np.ndarray | None = None) -> None:
         """Quantize this layer with ``q`` (integer weights formed once; the backends built for
-        the previous quantization are dropped). A float layer switches to mode ``kernel``."""
+        the previous quantization are dropped). A float layer switches to mode ``kernel``.
+        ``wq``: use these O x K integers (e.g. reloaded by ``pimsim.export``) instead of
+        quantizing W; ValueError unless they lie in the range of ``q``'s bits."""
         if (q.grid.O, q.grid.K) != (self.O, self.K):
             raise ValueError(f"layer {self.name}: grid {q.grid.O}x{q.grid.K} != W {self.O}x{self.K}")
         if q.grid.groups != self.groups:
             raise ValueError(f"layer {self.name}: grid has groups={q.grid.groups}, the layer "
                              f"groups={self.groups}")
         q.check()
-        self.wq = np.ascontiguousarray(q.weight_int(self.weight_matrix()))
+        if wq is None:
+            self.wq = np.ascontiguousarray(q.weight_int(self.weight_matrix()))
+        else:
+            wq = np.asarray(wq)
+            lo, hi = qrange(q.w_bits, q.symmetric)
+            if wq.shape != (self.O, self.K) or wq.dtype.kind != "i":
+                raise ValueError(f"layer {self.name}: integer weights must be {self.O}x{self.K} "
+                                 f"integers, got {wq.dtype} {wq.shape}")
+            if wq.size and (wq.min() < lo or wq.max() > hi):
+                raise ValueError(f"layer {self.name}: integer weights outside {lo}..{hi} of "
+                                 f"{q.w_bits} bits")
+            self.wq = np.ascontiguousarray(wq.astype(int_dtype(q.w_bits)))
         self.quant = q
         self._backends = {}
         if self.mode == "float":
@@ -286,9 +300,10 @@ class GemmLayer(nn.Module):
         self.set_backend("crossbar", crossbar=crossbar, mapping=mapping)
 
     def quantize_input(self, x: torch.Tensor, act_scale: float | None = None) -> torch.Tensor:
-        """Integer-valued float32 activations ``clamp(round(x / s_x))`` (Eq. 1)."""
+        """Integer-valued float32 activations ``clamp(round(x / s_x))`` (Eq. 1), in
+        ``act_qrange`` (unsigned ``[0, 2^b - 1]`` when ``quant.act_unsigned``)."""
         q = self.quant
-        lo, hi = qrange(q.a_bits, q.symmetric)
+        lo, hi = act_qrange(q.a_bits, q.symmetric, q.act_unsigned)
         s = q.act_scale if act_scale is None else act_scale
         return torch.div(x, s).round_().clamp_(lo, hi)
 

@@ -64,16 +64,17 @@ import torch
 import torch.nn.functional as F
 
 from .network import GemmLayer, LayerQuant
-from .quant import Granularity, TileGrid, max_scale, max_scales, qrange, quantize_weight
+from .quant import (Granularity, TileGrid, act_max_scale, act_qrange, max_scales,
+                    qrange, quantize_weight)
 from .schema import defaults_of, setting
 
 
 @dataclass(frozen=True)
 class SearchParams:
     """The parameters of ``ptqsl`` / ``mse`` and their defaults (``DEFAULTS``; checked together
-    by ``check_params``). All but ``metric`` and ``symmetric`` are the YAML keys
-    ``quant.search.*``; ``metric`` is ``quant.metric``; ``symmetric`` follows from a
-    ``crossbar:`` section."""
+    by ``check_params``). All but ``metric``, ``symmetric`` and ``act_unsigned`` are the YAML
+    keys ``quant.search.*``; ``metric`` is ``quant.metric``; ``symmetric`` follows from a
+    ``crossbar:`` section; ``act_unsigned`` from ``quant.act_signed`` and the layer's input."""
 
     alpha: float = setting(0.5, "lowest candidate, times the max-calibration init")
     beta: float = setting(1.2, "highest candidate, times the init")
@@ -84,6 +85,8 @@ class SearchParams:
     metric: str = setting("euclidean", "euclidean | cosine: the objective of Eq. 6")
     act_search: str = setting("golden", "golden | grid (activation-scale search)")
     symmetric: bool = setting(False, "integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)")
+    act_unsigned: bool = setting(False, "activations in [0, 2^b - 1] (set per layer by "
+                                 "pimsim.calibrate from quant.act_signed)")
 
 
 DEFAULTS = defaults_of(SearchParams)
@@ -126,9 +129,10 @@ def check_params(params: dict | None) -> dict:
     if not _whole(p["rounds"]) or not 1 <= p["rounds"] <= 1000:
         raise ValueError(f"rounds must be an integer in 1..1000, got {p['rounds']!r}")
     p["candidates"], p["rounds"] = int(p["candidates"]), int(p["rounds"])
-    if not isinstance(p["symmetric"], (bool, np.bool_)):
-        raise ValueError(f"symmetric must be true or false, got {p['symmetric']!r}")
-    p["symmetric"] = bool(p["symmetric"])
+    for k in ("symmetric", "act_unsigned"):
+        if not isinstance(p[k], (bool, np.bool_)):
+            raise ValueError(f"{k} must be true or false, got {p[k]!r}")
+        p[k] = bool(p[k])
     for k, allowed in (("mode", MODES), ("metric", METRICS), ("act_search", ACT_SEARCHES)):
         if p[k] not in allowed:
             raise ValueError(f"{k} must be one of {', '.join(allowed)}, got {p[k]!r}")
@@ -144,10 +148,11 @@ def candidate_factors(p: dict) -> np.ndarray:
 # one layer on the calibration batch
 # --------------------------------------------------------------------------------------------
 
-def _exact_f32_columns(a_bits: int) -> int:
+def _exact_f32_columns(a_bits: int, unsigned: bool = False) -> int:
     """Columns per float32 GEMM of ``Q Q^T`` such that every partial sum is an integer of
-    magnitude at most 2^24, hence exact (|q| <= 2^(a-1)); 0: too few, use float64."""
-    return (1 << 24) // (1 << (2 * (a_bits - 1)))
+    magnitude at most 2^24, hence exact (|q| <= 2^(a-1); unsigned: q < 2^a); 0: too few, use
+    float64."""
+    return (1 << 24) // (1 << (2 * (a_bits if unsigned else a_bits - 1)))
 
 
 class LayerProblem:
@@ -155,14 +160,15 @@ class LayerProblem:
     im2col statistics the weight search needs."""
 
     def __init__(self, layer: GemmLayer, x: torch.Tensor, target: torch.Tensor, a_bits: int,
-                 symmetric: bool = False):
+                 symmetric: bool = False, unsigned: bool = False):
         self.layer = layer
         fmt = torch.channels_last if layer.kind == "conv" else torch.contiguous_format
         # channels-last: the oneDNN convolution of the activation search is ~3x faster
         self.x = x.detach().to(torch.float32).contiguous(memory_format=fmt)
         self.target = target.detach().to(torch.float32).contiguous(memory_format=fmt)
         self.a_bits = a_bits
-        self.lo, self.hi = qrange(a_bits, symmetric)
+        self.unsigned = bool(unsigned)
+        self.lo, self.hi = act_qrange(a_bits, symmetric, self.unsigned)
         self.O, self.K = layer.O, layer.K
         self.groups, self.K_in = layer.groups, layer.K_in
         b = layer.bias
@@ -249,7 +255,7 @@ class LayerProblem:
         u = torch.zeros(K, dtype=torch.float64)
         ys = torch.zeros(O, dtype=torch.float64)
         yy = torch.zeros(O, dtype=torch.float64)
-        step = _exact_f32_columns(self.a_bits)
+        step = _exact_f32_columns(self.a_bits, self.unsigned)
         n_cols = 0
         for X, T in self._chunks(q, 1 << 21):               # ~8 MB float32 chunks
             M = X.shape[1]
@@ -282,7 +288,7 @@ class LayerProblem:
         u = torch.zeros(g, K, dtype=torch.float64)
         ys = torch.zeros(O, dtype=torch.float64)
         yy = torch.zeros(O, dtype=torch.float64)
-        step = _exact_f32_columns(self.a_bits)
+        step = _exact_f32_columns(self.a_bits, self.unsigned)
         n_cols = 0
         for X, T in self._chunks(q, 1 << 21):
             M = X.shape[1]
@@ -623,12 +629,12 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     p = check_params(params)
     metric, t_start = p["metric"], time.perf_counter()
     grid = gran.resolve(layer.O, layer.K, layer.groups)
-    sym = p["symmetric"]
-    prob = LayerProblem(layer, x, target, a_bits, sym)
+    sym, uns = p["symmetric"], p["act_unsigned"]
+    prob = LayerProblem(layer, x, target, a_bits, sym, uns)
     W32 = layer.weight_matrix()
     W = W32.astype(np.float64)
     factors = candidate_factors(p)
-    s_max = float(max_scale(prob.x_absmax, a_bits))
+    s_max = float(act_max_scale(prob.x_absmax, a_bits, uns))
     act_grid = factors * s_max
     S_max = max_scales(W, grid, w_bits)
     W_max = _dequant(W, grid, S_max, w_bits, sym)
@@ -671,7 +677,9 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
         info["rel_err"] = e3 / math.sqrt(prob.t2)
         info["rel_err_max"] = err_max / math.sqrt(prob.t2)
     info["symmetric"] = sym
-    return LayerQuant(grid, S, float(s3), w_bits, a_bits, info=info, symmetric=sym)
+    info["act_unsigned"] = uns
+    return LayerQuant(grid, S, float(s3), w_bits, a_bits, info=info, symmetric=sym,
+                      act_unsigned=uns)
 
 
 def mse_scales(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray,
@@ -708,7 +716,7 @@ def mse_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_b
     p = check_params(params)
     grid = gran.resolve(layer.O, layer.K, layer.groups)
     S = mse_scales(layer.weight_matrix(), grid, w_bits, candidate_factors(p), p["symmetric"])
-    act_scale = float(max_scale(float(x.abs().max()), a_bits))
+    act_scale = float(act_max_scale(float(x.abs().max()), a_bits, p["act_unsigned"]))
     return LayerQuant(grid, S, act_scale, w_bits, a_bits, info={"method": "mse"},
-                      symmetric=p["symmetric"])
+                      symmetric=p["symmetric"], act_unsigned=p["act_unsigned"])
 

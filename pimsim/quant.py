@@ -36,6 +36,43 @@ def qrange(bits: int, symmetric: bool = False) -> tuple[int, int]:
     return (-hi if symmetric else -hi - 1), hi
 
 
+ACT_SIGNED = ("signed", "unsigned", "auto")
+
+
+def act_qrange(bits: int, symmetric: bool = False, unsigned: bool = False) -> tuple[int, int]:
+    """Integer range of b-bit activations: ``unsigned`` ``(0, 2^b - 1)`` (a non-negative
+    input, e.g. after ReLU: the DAC applies all b bits in one pass), else ``qrange(bits,
+    symmetric)``."""
+    if unsigned:
+        return 0, (1 << check_bits(bits)) - 1
+    return qrange(bits, symmetric)
+
+
+def act_max_scale(absmax, bits: int, unsigned: bool = False):
+    """``max`` calibration scale of activations: ``max|x| / act_qrange(...)[1]`` (``max_scale``
+    for signed inputs); an all-zero input gets scale 1."""
+    if not unsigned:
+        return max_scale(absmax, bits)
+    s = np.asarray(absmax, dtype=np.float64) / act_qrange(bits, unsigned=True)[1]
+    return np.where(s > 0, s, 1.0)
+
+
+def act_unsigned(mode: str, layer: str, xmin: float) -> bool:
+    """Whether layer ``layer`` quantizes its input unsigned under ``quant.act_signed = mode``,
+    given the smallest value ``xmin`` of its calibration input: ``signed`` never, ``auto``
+    when ``xmin >= 0``, ``unsigned`` always (ValueError naming the layer when ``xmin < 0``)."""
+    if mode not in ACT_SIGNED:
+        raise ValueError(f"quant.act_signed must be one of {', '.join(ACT_SIGNED)}, got {mode!r}")
+    if mode == "signed":
+        return False
+    if mode == "auto":
+        return bool(xmin >= 0)
+    if xmin < 0:
+        raise ValueError(f"layer {layer}: quant.act_signed unsigned needs a non-negative input, "
+                         f"but its calibration input has min {xmin:.6g} (use auto or signed)")
+    return True
+
+
 def int_dtype(bits: int) -> np.dtype:
     """Storage dtype of b-bit integers: int8 up to 8 bits, int16 above."""
     return np.dtype(np.int8) if check_bits(bits) <= 8 else np.dtype(np.int16)

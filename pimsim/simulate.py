@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibrate import calibrate
-from .config import Config, ConfigError, resolve_checkpoint
+from .config import Config, ConfigError, resolve_checkpoint, resolve_load
 from .cost import config_cost, config_mapping, config_network
 from .kernels import threads as scoped_threads
 from .data import to_tensor
@@ -131,7 +131,8 @@ def quantize_network(prep: Prepared, progress: bool = True,
                      cfg["quant.act_bits"], method=cfg["quant.calibration"],
                      float_layers=cfg["quant.float_layers"], progress=progress,
                      params=calibration_params(cfg),
-                     symmetric=symmetric_range(cfg) if symmetric is None else symmetric)
+                     symmetric=symmetric_range(cfg) if symmetric is None else symmetric,
+                     act_signed=cfg["quant.act_signed"])
 
 
 def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
@@ -164,16 +165,18 @@ def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
 
 
 def layer_table(net: Network) -> list[dict]:
-    """One entry per quantized layer: name, O, K, tile (r, c), number of scales and whether its
-    integers use the symmetric (crossbar) range."""
+    """One entry per quantized layer: name, O, K, tile (r, c), number of scales, whether its
+    integers use the symmetric (crossbar) range and whether its input is unsigned."""
     keys = ("err_max", "err", "rounds", "fallback")
     return [{"name": l.name, "O": l.O, "K": l.K, "tile": [l.quant.grid.r, l.quant.grid.c],
              "scales": int(l.quant.grid.n_tiles), "symmetric": bool(l.quant.symmetric),
+             "act_unsigned": bool(l.quant.act_unsigned),
              "calib": {k: l.quant.info[k] for k in keys if k in l.quant.info}}
             for l in net.quantized_layers]
 
 
-def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = True) -> dict:
+def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = True,
+        out_dir=None) -> dict:
     """Calibrate and evaluate the configured network; the result dict of ``pimsim run``.
 
     Everything that can be checked is checked before the first evaluation: data, checkpoint
@@ -186,14 +189,105 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
 
     The run uses ``eval.threads`` threads in torch and Numba and puts the caller's thread
     counts back when it returns (``pimsim.kernels.threads``); ``"threads"`` is the count used.
+
+    ``quant.load``: the calibration stored in that folder is loaded (``pimsim.export``) instead
+    of reordering and calibrating (``"loaded"`` names the folder). ``out_dir``: the run's
+    calibration is also written there (``write_export``: tiles, manifest, CSV, ONNX model).
     """
     if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
         raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
+    if out_dir is not None:
+        check_out_dir(out_dir)
     with scoped_threads(cfg["eval.threads"]) as threads:
-        return _run(cfg, limit, data_dir, progress, threads)
+        return _run(cfg, limit, data_dir, progress, threads, out_dir)
 
 
-def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
+def check_out_dir(out_dir) -> Path:
+    """Check before any work that ``out_dir`` is (or can be made as) a folder; TilesError
+    naming it otherwise."""
+    from .export import TilesError
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TilesError(f"--out {out} is a file; give a folder for the export")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise TilesError(f"--out {out}: {anc} is a file, not a folder")
+    return out
+
+
+def calibrate_or_load(prep: Prepared, progress: bool = True):
+    """``(calibration info, reorder info or None, loaded or None)``: with ``quant.load`` the
+    stored calibration (``pimsim.export.load_tiles``; nothing is calibrated), else
+    ``reorder_network`` then ``quantize_network``."""
+    cfg = prep.cfg
+    d = resolve_load(cfg)
+    if d is None:
+        reorder = reorder_network(prep, progress)  # joint orders: weights permuted, no gather
+        return quantize_network(prep, progress), reorder, None
+    from .export import load_tiles
+    t0 = time.perf_counter()
+    loaded = load_tiles(prep.net, cfg, d, dataset_of(prep).input_shape)
+    loaded["dir"] = d
+    return ({"calibration_s": time.perf_counter() - t0,
+             "float_layers": loaded["float_layers"]}, None, loaded)
+
+
+def resolved_config(prep: Prepared, limit=None) -> dict:
+    """The config as the run used it: checkpoint and data folder resolved."""
+    resolved = prep.cfg.to_dict()
+    resolved["model"]["checkpoint"] = None if prep.checkpoint is None else str(prep.checkpoint)
+    resolved["data"]["dir"] = None if prep.data_dir is None else str(prep.data_dir)
+    resolved["eval"]["limit"] = limit
+    return resolved
+
+
+def write_export(prep: Prepared, out_dir, mapping=None, reorder=None, loaded=None,
+                 resolved=None, onnx: bool = True) -> dict:
+    """Write the calibrated ``prep.net`` into ``out_dir`` (``pimsim.export.export_tiles``:
+    tiles.safetensors, manifest.json, tiles.csv) and, when ``onnx`` and the onnx package is
+    installed, ``model.onnx`` (``pimsim.onnx_export``). Returns ``{"dir", "files", "notes"}``."""
+    from .export import CSV_FILE, MANIFEST, TENSORS, export_tiles
+    from .onnx_export import export_onnx, onnx_available
+    orders = (reorder or {}).get("orders") or (loaded or {}).get("orders") or {}
+    out = Path(out_dir)
+    export_tiles(prep.net, resolved if resolved is not None else resolved_config(prep), out,
+                 mapping=mapping, orders=orders)
+    files, notes = [TENSORS, MANIFEST, CSV_FILE], []
+    if onnx and onnx_available():
+        export_onnx(prep.net, out / "model.onnx", dataset_of(prep).input_shape)
+        files.append("model.onnx")
+    elif onnx:
+        notes.append("onnx is not installed: model.onnx not written (pip install "
+                     "'pimsim[onnx]')")
+    return {"dir": str(out), "files": files, "notes": notes}
+
+
+def export(cfg: Config, out_dir, data_dir=None, progress: bool = True, onnx: bool = True) -> dict:
+    """The job of ``pimsim export``: prepare, reorder and calibrate (or load ``quant.load``), put
+    the layers on the ``crossbar:`` arrays if any (fitting calibrated ADC ranges), and write
+    the export (``write_export``); no test image is evaluated."""
+    if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
+        raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
+    check_out_dir(out_dir)
+    with scoped_threads(cfg["eval.threads"]):
+        prep = prepare(cfg, data_dir)
+        dataset_of(prep).check_calibration(cfg["quant.calib_images"])
+        try:
+            config_mapping(cfg, prep.net)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: {e}") from None
+        info, reorder, loaded = calibrate_or_load(prep, progress)
+        mapping = setup_crossbar(prep, loaded) if cfg.crossbar is not None else None
+        res = write_export(prep, out_dir, mapping, reorder, loaded, onnx=onnx)
+        res.update(calibration_s=info["calibration_s"], layers=layer_table(prep.net),
+                   float_layers=info["float_layers"],
+                   loaded=None if loaded is None else str(loaded["dir"]))
+        return res
+
+
+def _run(cfg: Config, limit, data_dir, progress: bool, threads: int, out_dir=None) -> dict:
     """The body of ``run``, with ``threads`` threads set."""
     prep = prepare(cfg, data_dir)
     ds = dataset_of(prep)
@@ -214,9 +308,11 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
     t0 = time.perf_counter()
     fp_top1, _ = evaluate_dataset(net, ds, bs, n_images, progress, desc="float")
     fp_s = time.perf_counter() - t0
-    reorder = reorder_network(prep, progress)      # joint orders: weights permuted, no gather
-    info = quantize_network(prep, progress)
-    mapping = setup_crossbar(prep) if cfg.crossbar is not None else None
+    info, reorder, loaded = calibrate_or_load(prep, progress)
+    if loaded is not None and cfg["reorder.method"] != "none":
+        notes.append(f"reorder.method {cfg['reorder.method']} not run: the channel orders "
+                     f"stored in {loaded['dir']} are used")
+    mapping = setup_crossbar(prep, loaded) if cfg.crossbar is not None else None
     net.set_mode(cfg["eval.backend"])
     t0 = time.perf_counter()
     chips = chip_seeds(cfg)
@@ -229,11 +325,8 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
         tops.append(evaluate_dataset(net, ds, bs, n_images, progress, desc=desc)[0])
     top1 = float(np.mean(tops))
     eval_s = time.perf_counter() - t0
-    resolved = cfg.to_dict()
-    ckpt = None if prep.checkpoint is None else str(prep.checkpoint)
-    resolved["model"]["checkpoint"] = ckpt
-    resolved["data"]["dir"] = None if prep.data_dir is None else str(prep.data_dir)
-    resolved["eval"]["limit"] = limit
+    resolved = resolved_config(prep, limit)
+    ckpt = resolved["model"]["checkpoint"]
     cost = config_cost(cfg, net, mapping if mapping is not None else shape_mapping,
                        input_shape=ds.input_shape)
     out = {
@@ -259,6 +352,8 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
         "cost": cost["totals"],
         "provenance": provenance(seeds=[cfg["quant.seed"]], threads=threads),
     }
+    if loaded is not None:
+        out["loaded"] = str(loaded["dir"])
     if mapping is not None:
         crossbar_results(out, net, mapping, cfg["eval.backend"] == "crossbar")
     if cfg.crossbar is not None and cfg["eval.backend"] == "crossbar":
@@ -270,6 +365,10 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int) -> dict:
         if dev.instances > 1 and chips == [None]:
             notes.append(f"crossbar.device.instances: {dev.instances}: the cells are ideal, "
                          "so every chip is the same; evaluated once")
+    if out_dir is not None:
+        ex = write_export(prep, out_dir, mapping, reorder, loaded, resolved)
+        out["export"] = ex
+        out["notes"] = notes + ex["notes"]
     return out
 
 
@@ -283,15 +382,18 @@ def chip_seeds(cfg: Config) -> list:
     return list(range(xb.dev.seed, xb.dev.seed + xb.dev.instances))
 
 
-def setup_crossbar(prep: Prepared):
+def setup_crossbar(prep: Prepared, loaded: dict | None = None):
     """With a ``crossbar:`` section (the network already calibrated in the symmetric range): the
     Mapping, an array operator per layer and, for backend crossbar with ``adc_range:
     calibrated``, the per-array ADC ranges fitted on the calibration batch (after
-    quantization)."""
+    quantization), or those stored in the ``loaded`` calibration when it has them."""
     from .crossbar import attach, fit_adc_ranges, reset_adc_stats
     cfg = prep.cfg
     mapping = attach(prep.net, cfg.crossbar, cfg.granularity, strict=True)
-    if cfg["eval.backend"] == "crossbar" \
+    if loaded is not None and loaded["adc_ranges"]:
+        from .export import apply_adc_ranges
+        apply_adc_ranges(prep.net, loaded["adc_ranges"], str(loaded["dir"]))
+    elif cfg["eval.backend"] == "crossbar" \
             and cfg.crossbar.adc_range in ("calibrated", "calibrated_slice") \
             and cfg.crossbar.adc_bits > 0:
         fit_adc_ranges(prep.net, calibration_batch(prep), cfg["eval.batch_size"])

@@ -35,13 +35,16 @@ def _point(script: str, row: dict) -> str:
         return mod.point_name(s, row["adc_bits"], row["policy"])
     if script == "bench_granularity":
         return mod.point_name(s, row["method"], row["r"], row["c"], row["m"])
+    if script == "bench_irdrop":
+        return mod.point_name(s, row["rows"], row["wire_r"])
     raise AssertionError(script)
 
 
 CSVS = ([(p, "bench_random_orders") for p in sorted(RESULTS.rglob("random-orders-*.csv"))]
         + [(p, "bench_symmetric") for p in sorted(RESULTS.rglob("symmetric-*.csv"))]
         + [(p, "bench_adc") for p in sorted(RESULTS.rglob("adc-*.csv"))]
-        + [(RESULTS / "granularity-resnet56-W4A8-ptqsl.csv", "bench_granularity")])
+        + [(RESULTS / "granularity-resnet56-W4A8-ptqsl.csv", "bench_granularity")]
+        + [(RESULTS / "irdrop.csv", "bench_irdrop")])
 
 
 @pytest.mark.parametrize("path,script", CSVS, ids=lambda v: v if isinstance(v, str)
@@ -111,3 +114,14 @@ def test_no_benchmark_hand_rolls_its_csv():
     for p in sorted(BENCH.glob("bench_*.py")):
         src = p.read_text()
         assert "DictWriter" not in src and "csv.writer" not in src, f"{p.name} writes a CSV by hand"
+
+
+def test_irdrop_markdown_and_readme_follow_from_its_csv():
+    mod = _module("bench_irdrop")
+    rows = read_results(RESULTS / "irdrop.csv")[0]
+    assert {(int(r["rows"]), float(r["wire_r"])) for r in rows} == {
+        (n, x) for n in (64, 128, 256) for x in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)}
+    table = mod.table(rows)
+    assert table == _body(RESULTS / "irdrop.md")
+    readme = (ROOT / "README.md").read_text()
+    assert all(line in readme for line in table if line.startswith("| "))

@@ -38,12 +38,16 @@ def dev(**kw) -> dict:
 @given(p=array_problems(adc=True))
 def test_ideal_cells_equal_the_crossbar_backend_bit_for_bit(p):
     """Every device key at its default (and g_min > 0 or another seed, still ideal cells): the
-    analog model gives CrossbarGemm's outputs and clip counts exactly."""
+    analog model gives CrossbarGemm's outputs and clip counts exactly (signed inputs, and
+    unsigned ones, ``a_unsigned``, when the input is non-negative)."""
     seed = int(p["rng"].integers(0, 1000))
+    uns = bool((p["x"] >= 0).all() and p["rng"].random() < 0.5)
     for device in (dev(), dev(g_min=0.3, seed=seed)):
         xb = dataclasses.replace(p["xb"], device=device)
-        a = CrossbarGemm(p["wq"], p["grid"], p["scales"], xb, p["wb"], p["ab"], shortcut=False)
-        b = NoisyCrossbarGemm(p["wq"], p["grid"], p["scales"], xb, p["wb"], p["ab"])
+        a = CrossbarGemm(p["wq"], p["grid"], p["scales"], xb, p["wb"], p["ab"], shortcut=False,
+                         a_unsigned=uns)
+        b = NoisyCrossbarGemm(p["wq"], p["grid"], p["scales"], xb, p["wb"], p["ab"],
+                              a_unsigned=uns)
         if xb.adc_range == "calibrated":
             r = p["rng"].integers(1, 3 * xb.rows + 2, size=a.n_arrays)
             a.set_ranges(r)
@@ -454,3 +458,22 @@ def test_bitline_layout_puts_every_column_on_its_own_bit_line():
     O = 10
     assert (arr[0], line[0], arr[O], line[O]) == (0, 0, 0, 1)
     assert (arr[5], line[5], arr[O + 5], line[O + 5]) == (1, 0, 1, 1)
+
+
+def test_unsigned_inputs_use_all_bits_and_equal_the_integer_path():
+    """quant.act_signed unsigned: inputs up to 2^a - 1 in ceil(a / dac) cycles of one pass; the
+    analog model with ideal cells equals CrossbarGemm, and refuses a negative input."""
+    rng = np.random.default_rng(8)
+    O, K = 9, 50
+    wq = rng.integers(-7, 8, (O, K))
+    grid = Granularity.tile(4, 24).resolve(O, K)
+    scales = rng.uniform(0.01, 0.1, grid.shape)
+    x = rng.integers(0, 64, (30, K)).astype(np.float32)              # a_bits 6: 0..63
+    for adc in (0, 6):
+        xb = Crossbar(rows=32, cols=40, signed="offset", dac_bits=2, adc_bits=adc)
+        a = CrossbarGemm(wq, grid, scales, xb, 4, 6, shortcut=False, a_unsigned=True)
+        b = NoisyCrossbarGemm(wq, grid, scales, xb, 4, 6, a_unsigned=True)
+        np.testing.assert_array_equal(a(x, 0.1).view(np.uint32), b(x, 0.1).view(np.uint32))
+        assert (a.clipped, a.conversions) == (b.clipped, b.conversions)
+    with pytest.raises(ValueError, match="unsigned 6-bit integers in \\[0, 63\\]"):
+        b(-x, 0.1)

@@ -213,3 +213,21 @@ def test_empty_config_says_so(tmp_path, capsys):
 def test_config_path_is_a_folder(tmp_path, capsys):
     line = _exit_2(["run", str(tmp_path), "-q"], capsys)
     assert f"{tmp_path} is a folder" in line and "not found" not in line
+
+
+# --------------------------------------------------------------------------- quant.act_signed
+
+
+def test_unsigned_activations_on_a_signed_input_name_the_layer(capsys, layout, no_evaluation):
+    # conv1 quantized (no float layers) sees the normalized image, which is negative
+    line = _exit_2(["run", str(DEFAULT_YAML), "--data-dir", str(layout),
+                    "--set", "quant.float_layers=[]", "--set", "quant.act_signed=unsigned",
+                    *QUICK], capsys)
+    assert "layer conv1: quant.act_signed unsigned needs a non-negative input" in line
+    assert "use auto or signed" in line
+
+
+def test_bad_act_signed_value(capsys, layout, no_evaluation):
+    line = _exit_2(["run", str(DEFAULT_YAML), "--data-dir", str(layout),
+                    "--set", "quant.act_signed=sometimes", *QUICK], capsys)
+    assert "quant.act_signed" in line and "signed, unsigned, auto" in line

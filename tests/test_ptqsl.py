@@ -65,7 +65,8 @@ def test_methods_registered():
 def test_defaults():
     p = ptqsl.check_params({})
     assert p == {"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3, "mode": "gram",
-                 "metric": "euclidean", "act_search": "golden", "symmetric": False}
+                 "metric": "euclidean", "act_search": "golden", "symmetric": False,
+                 "act_unsigned": False}
     f = ptqsl.candidate_factors(p)
     assert len(f) == 100 and f[0] == 0.5 and f[-1] == pytest.approx(1.2)
 

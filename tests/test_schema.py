@@ -226,7 +226,8 @@ def test_code_defaults_are_the_schema_defaults():
     for k in ("population", "generations", "swaps", "seed"):
         assert sig[k].default == sch["reorder"][k].default == REORDER_DEFAULTS[k], k
     assert ptqsl.DEFAULTS == {**sch["quant"]["search"].default,
-                              "metric": sch["quant"]["metric"].default, "symmetric": False}
+                              "metric": sch["quant"]["metric"].default, "symmetric": False,
+                              "act_unsigned": False}
     assert list(ptqsl.DEFAULTS) == [f.name for f in dataclasses.fields(ptqsl.SearchParams)]
     assert ptqsl.check_params({}) == ptqsl.DEFAULTS
     defaults = config.defaults()

@@ -14,7 +14,7 @@ class KernelBackend(IntegerBackend):
     def __init__(self, layer):
         q = self.quant_of(layer)
         self.op = TiledGemm(layer.wq, q.grid, q.w_scales, w_bits=q.w_bits, a_bits=q.a_bits,
-                            clamp=q.clamp)
+                            clamp=q.clamp, a_unsigned=q.act_unsigned)
 
     def gemm(self, xq, act_scale, bias):
         return self.op(xq, act_scale, bias=bias, layout="NK")

@@ -13,6 +13,9 @@ of a quantized layer and a network on arrays.
 - ``backend``: ``CrossbarBackend``, the ``crossbar`` backend of ``pimsim.backends``.
 - ``attach``: ``attach`` (a calibrated network onto arrays), ``fit_adc_ranges``,
   ``reset_adc_stats``, ``adc_stats``.
+- ``irdrop`` (imported on its own, ``pimsim.crossbar.irdrop``): wire resistance, the exact
+  nodal solve of a resistive array and the decoupled / coupled line models of its column
+  currents (``column_currents``, ``effective_conductance``, ``exact_conductance``).
 """
 
 from __future__ import annotations

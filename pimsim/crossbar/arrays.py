@@ -18,6 +18,9 @@ Number representation
   bit-serially: the magnitude of the positive part ``max(x, 0)`` in ``input_cycles =
   ceil((a-1)/dac_bits)`` cycles of ``dac_bits`` bits (least significant first), then, only when
   the layer call's input has a negative value, the same for ``max(-x, 0)`` (subtracted).
+  Unsigned inputs (``a_unsigned``: ``quant.act_signed`` unsigned / auto on a non-negative
+  input) are integers in ``[0, 2^a - 1]``, all a bits applied in ``ceil(a/dac_bits)`` cycles of
+  one pass.
 - ADC: in every cycle every used column (weight slices and reference columns) is converted.
   The column's integer sum v (over the segment's word lines, ``0 <= v <= rows_used *
   (2^cell_bits-1) * (2^dac_bits-1)``) becomes: ideal (``adc_bits = 0``) v itself; otherwise the
@@ -85,23 +88,31 @@ class CrossbarGemm:
 
     def __init__(self, wq, grid: TileGrid, scales, crossbar: Crossbar, w_bits: int,
                  a_bits: int, mapping: LayerMapping | None = None, name: str = "layer",
-                 shortcut: bool = True):
+                 shortcut: bool = True, a_unsigned: bool = False):
         from .. import array_kernels as ak
         from ..kernels import TiledGemm
         self.crossbar = crossbar
         self.w_bits, self.a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
+        self.a_unsigned = bool(a_unsigned)
+        # input magnitude bits applied by the DACs: a_bits - 1 (signed) or a_bits (unsigned)
+        self.in_bits = self.a_bits if self.a_unsigned else self.a_bits - 1
         wq = np.asarray(wq)
         hi = (1 << (self.w_bits - 1)) - 1
         if wq.size and (wq.min() < -hi or wq.max() > hi):
             raise ValueError(f"layer {name}: crossbar weights must be symmetric {self.w_bits}-bit "
                              f"integers in [{-hi}, {hi}], got [{wq.min()}, {wq.max()}]")
-        self.tiled = TiledGemm(wq, grid, scales, w_bits=self.w_bits, a_bits=self.a_bits)
+        self.tiled = TiledGemm(wq, grid, scales, w_bits=self.w_bits, a_bits=self.a_bits,
+                               a_unsigned=self.a_unsigned)
         self.lm = mapping if mapping is not None else map_layer(
-            LayerSpec(name, grid.O, grid.K, grid, self.w_bits, self.a_bits), crossbar, strict=False)
+            LayerSpec(name, grid.O, grid.K, grid, self.w_bits, self.a_bits,
+                      a_unsigned=self.a_unsigned), crossbar, strict=False)
         lm = self.lm
         if (lm.O, lm.K, lm.r, lm.c, lm.groups) != (grid.O, grid.K, grid.r, grid.c, grid.groups):
             raise ValueError(f"layer {name}: mapping {lm.O}x{lm.K} tiles {lm.r}x{lm.c} "
                              f"groups={lm.groups} != grid")
+        if lm.a_unsigned != self.a_unsigned:
+            raise ValueError(f"layer {name}: mapping a_unsigned={lm.a_unsigned} != the layer's "
+                             f"a_unsigned={self.a_unsigned}")
         self.grid, self.name, self.shortcut = grid, name, shortcut
         self.parts = None
         if grid.groups > 1:
@@ -111,7 +122,8 @@ class CrossbarGemm:
             self.parts = [type(self)(wq[grid.group_rows(g)], grid.group_grid(),
                                        grid.group_scales(scales, g), crossbar, self.w_bits,
                                        self.a_bits, mapping=gm, name=f"{name} group {g}",
-                                       shortcut=False) for g in range(grid.groups)]
+                                       shortcut=False, a_unsigned=self.a_unsigned)
+                          for g in range(grid.groups)]
             self.n_arrays = lm.segments * lm.arrays_per_segment
             self.ranges = None
             self.recording = False
@@ -206,10 +218,13 @@ class CrossbarGemm:
             raise ValueError(f"layer {self.name}: adc_range calibrated: fit the ranges first "
                              "(start_fit / finish_fit on the calibration batch)")
         nb = x.shape[0]
-        xb = np.empty((nb, passes, self.lm.segments, self.a_bits - 1, self.words), np.uint64)
-        bad = ak.pack_inputs(x, self.seg_bounds, self.a_bits, passes, self.words, xb)
+        xb = np.empty((nb, passes, self.lm.segments, self.in_bits, self.words), np.uint64)
+        bad = ak.pack_inputs(x, self.seg_bounds, self.in_bits, passes, self.words, xb)
         if bad:
-            hi = (1 << (self.a_bits - 1)) - 1
+            hi = (1 << self.in_bits) - 1
+            if self.a_unsigned:
+                raise ValueError(f"layer {self.name}: crossbar inputs must be unsigned "
+                                 f"{self.a_bits}-bit integers in [0, {hi}]")
             raise ValueError(f"layer {self.name}: crossbar inputs must be symmetric "
                              f"{self.a_bits}-bit integers in [{-hi}, {hi}]")
         P = np.empty((self.grid.n_col_blocks, nb, self.grid.O), dtype=np.float64)
@@ -254,8 +269,11 @@ class CrossbarGemm:
             t.combine(P, sx, b, y, n0)
         return y
 
-    @staticmethod
-    def _passes(x) -> int:
+    def _passes(self, x) -> int:
+        """Sign passes of a layer call: 1 for unsigned inputs (a negative value is refused by
+        ``pack_inputs``) and for a signed input without negative values, else 2."""
+        if self.a_unsigned:
+            return 1
         return 2 if float(x.min()) < 0 else 1
 
     def __call__(self, xq, act_scale: float, bias=None) -> np.ndarray:

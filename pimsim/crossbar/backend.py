@@ -26,7 +26,7 @@ class CrossbarBackend(IntegerBackend):
         if crossbar.analog:              # real cells, per-slice ADC ranges or compensation
             from .noisy import NoisyCrossbarGemm as cls
         self.op = cls(layer.wq, q.grid, q.w_scales, crossbar, q.w_bits, q.a_bits,
-                               mapping=mapping, name=layer.name)
+                      mapping=mapping, name=layer.name, a_unsigned=q.act_unsigned)
 
     def gemm(self, xq, act_scale, bias):
         return self.op(xq, act_scale, bias=bias)

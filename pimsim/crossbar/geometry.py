@@ -141,9 +141,12 @@ class Crossbar:
         """Reference columns per array: the offset's slices (offset), 0 (differential)."""
         return self.slices(w_bits) if self.signed == "offset" else 0
 
-    def input_cycles(self, a_bits: int) -> int:
-        """DAC cycles per input vector and sign pass: ``ceil((a_bits - 1) / dac_bits)``."""
-        return -(-(check_bits(a_bits, "a_bits") - 1) // self.dac_bits)
+    def input_cycles(self, a_bits: int, unsigned: bool = False) -> int:
+        """DAC cycles per input vector and sign pass: ``ceil((a_bits - 1) / dac_bits)`` (the
+        magnitude of a signed input); ``unsigned`` inputs in ``[0, 2^a - 1]``:
+        ``ceil(a_bits / dac_bits)`` in their one pass."""
+        mag = check_bits(a_bits, "a_bits") - (0 if unsigned else 1)
+        return -(-mag // self.dac_bits)
 
     def weight_problem(self, w_bits: int) -> str | None:
         """Why ``w_bits`` weights cannot be placed on this array, or None."""

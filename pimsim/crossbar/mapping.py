@@ -45,7 +45,9 @@ ADC conversions
 In every DAC cycle every used bit line of every array is converted once (weight slices and
 reference columns). An input vector is applied in ``input_cycles`` cycles per sign pass (1
 pass for non-negative inputs, 2 when the positive and the negative part are applied) to every
-segment, and a segment's arrays hold ``O * cols_per_weight + ref_cols * arrays_per_segment``
+segment (``input_cycles = ceil((a_bits - 1) / dac_bits)`` for signed inputs, whose magnitude
+has a_bits - 1 bits; ``ceil(a_bits / dac_bits)`` for unsigned ones, ``a_unsigned``:
+``quant.act_signed`` unsigned / auto, always one pass), and a segment's arrays hold ``O * cols_per_weight + ref_cols * arrays_per_segment``
 used bit lines, so a layer makes
 ``vectors * passes * input_cycles * segments * (O * cols_per_weight + ref_cols *
 arrays_per_segment)`` conversions (``adc_conversions``; ``vectors`` = output pixels x images).
@@ -72,6 +74,7 @@ class LayerSpec:
     w_bits: int
     a_bits: int
     granularity: Granularity | None = None
+    a_unsigned: bool = False          # inputs in [0, 2^a - 1]: one pass of a_bits magnitude bits
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class LayerMapping:
     input_cycles: int = 1
     seg_bounds: tuple = field(default=(), repr=False)   # K boundaries of the segments
     groups: int = 1                   # grouped conv: counts are groups x those of one group
+    a_unsigned: bool = False          # unsigned inputs (quant.act_signed): one sign pass
 
     @property
     def used_columns(self) -> int:
@@ -148,6 +152,58 @@ class LayerMapping:
         return out
 
 
+    def tile_placements(self, crossbar: Crossbar, grid: TileGrid) -> list[dict]:
+        """Where every tile of ``grid`` (the layer's ``TileGrid``) sits on the layer's arrays, by
+        the placement rule of the module docstring: one entry per tile as placed
+        (``grid.group_tiles()``) with its ``group``, scale indices ``i, j`` and matrix rows
+        ``o0:o1`` / columns ``k0:k1``, and its ``pieces``: one per (segment, array) holding
+        part of it, each with ``array`` (the layer's array index: group by group, segment by
+        segment, the arrays along the bit lines within a segment; the order of per-array ADC
+        ranges), ``row_offset`` / ``rows`` (first word line and word lines used) and
+        ``col_offset`` / ``cols`` (first bit line and bit lines used, reference columns not
+        counted: they follow the weights' ``avail = cols - ref_cols`` bit lines)."""
+        if (grid.O, grid.K, grid.r, grid.c, grid.groups) != (self.O, self.K, self.r, self.c,
+                                                             self.groups):
+            raise ValueError(f"layer {self.name}: grid {grid.O}x{grid.K} tiles "
+                             f"{grid.r}x{grid.c} != mapping")
+        one = self.group_mapping()
+        cpw, avail = one.cols_per_weight, crossbar.cols - one.ref_cols
+        aps, gr = one.arrays_per_segment, grid.group_r
+        bounds = list(one.seg_bounds)
+        fits = gr * cpw <= avail
+        # first array (within a segment) of every row block of a group, when blocks span arrays
+        starts, base = [], 0
+        for ii in range(grid.blocks_per_group):
+            starts.append(base)
+            n = min(grid.Og, (ii + 1) * gr) - ii * gr
+            base += -(-n * cpw // avail)
+        out = []
+        for g, i, j, rows, cols in grid.group_tiles():
+            ii = (rows.start - g * grid.Og) // gr
+            n = rows.stop - rows.start
+            pieces = []
+            for s in range(len(bounds) - 1):
+                k0, k1 = bounds[s], bounds[s + 1]
+                if k0 < cols.start or k1 > cols.stop:
+                    continue
+                a0 = g * one.arrays + s * aps
+                if fits:
+                    per = one.row_blocks_per_array
+                    pieces.append({"array": a0 + ii // per, "row_offset": 0, "rows": k1 - k0,
+                                   "col_offset": (ii % per) * gr * cpw, "cols": n * cpw})
+                else:
+                    left, t = n * cpw, 0
+                    while left > 0:
+                        pieces.append({"array": a0 + starts[ii] + t, "row_offset": 0,
+                                       "rows": k1 - k0, "col_offset": 0,
+                                       "cols": min(avail, left)})
+                        left -= avail
+                        t += 1
+            out.append({"group": g, "i": i, "j": j, "o0": rows.start, "o1": rows.stop,
+                        "k0": cols.start, "k1": cols.stop, "pieces": pieces})
+        return out
+
+
 def adc_conversions(lm: LayerMapping, vectors: int, passes: int = 1) -> int:
     """ADC conversions of ``vectors`` input vectors (output pixels x images) applied to layer
     ``lm`` in ``passes`` sign passes (1: non-negative inputs, 2: positive and negative part):
@@ -163,7 +219,8 @@ def map_layer(spec: LayerSpec, crossbar: Crossbar, strict: bool = True) -> Layer
         raise ValueError(f"layer {spec.name}: grid {g.O}x{g.K} != layer {spec.O}x{spec.K}")
     if g.groups > 1:
         one = map_layer(LayerSpec(spec.name, g.Og, spec.K, g.group_grid(), spec.w_bits,
-                                  spec.a_bits, spec.granularity), crossbar, strict)
+                                  spec.a_bits, spec.granularity, spec.a_unsigned), crossbar,
+                        strict)
         n = g.groups
         return replace(one, O=spec.O, r=g.r, row_blocks=g.n_row_blocks, arrays=n * one.arrays,
                        segments=n * one.segments, used_cells=n * one.used_cells,
@@ -198,8 +255,9 @@ def map_layer(spec: LayerSpec, crossbar: Crossbar, strict: bool = True) -> Layer
         col_blocks=g.n_col_blocks, arrays=arrays, cols_per_weight=cpw, used_cells=used,
         total_cells=total, utilization=used / total, w_bits=spec.w_bits, a_bits=spec.a_bits,
         segments=segments, row_blocks_per_array=per, arrays_per_segment=per_seg, ref_cols=ref,
-        slices=crossbar.slices(spec.w_bits), input_cycles=crossbar.input_cycles(spec.a_bits),
-        seg_bounds=tuple(bounds))
+        slices=crossbar.slices(spec.w_bits),
+        input_cycles=crossbar.input_cycles(spec.a_bits, spec.a_unsigned),
+        seg_bounds=tuple(bounds), a_unsigned=bool(spec.a_unsigned))
 
 
 @dataclass(frozen=True)
@@ -234,7 +292,8 @@ class Mapping:
         out = []
         for s in specs:
             if s.granularity is None and granularity is not None:
-                s = LayerSpec(s.name, s.O, s.K, s.grid, s.w_bits, s.a_bits, granularity)
+                s = LayerSpec(s.name, s.O, s.K, s.grid, s.w_bits, s.a_bits, granularity,
+                              s.a_unsigned)
             out.append(map_layer(s, crossbar, strict))
         return cls(crossbar, tuple(out))
 
@@ -242,8 +301,8 @@ class Mapping:
     def from_network(cls, net, crossbar: Crossbar, strict: bool = True,
                      granularity: Granularity | None = None) -> "Mapping":
         """Map the quantized layers (``.quant`` set) of a ``pimsim.network.Network``."""
-        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits)
-                 for l in net.quantized_layers]
+        specs = [LayerSpec(l.name, l.O, l.K, l.quant.grid, l.quant.w_bits, l.quant.a_bits,
+                           a_unsigned=l.quant.act_unsigned) for l in net.quantized_layers]
         return cls.from_layers(specs, crossbar, strict, granularity)
 
     def layer(self, name: str) -> LayerMapping:

@@ -197,10 +197,10 @@ class NoisyCrossbarGemm(CrossbarGemm):
     ``program(seed)`` makes it another chip instance."""
 
     def __init__(self, wq, grid, scales, crossbar, w_bits, a_bits, mapping=None,
-                 name="layer", shortcut=True):
+                 name="layer", shortcut=True, a_unsigned=False):
         self.images_seen = 0
         super().__init__(wq, grid, scales, crossbar, w_bits, a_bits, mapping=mapping, name=name,
-                         shortcut=False)
+                         shortcut=False, a_unsigned=a_unsigned)
         self.shortcut = False
         self.phys = crossbar.dev.physics(crossbar.cell_bits)
         self.key = layer_key(name)
@@ -366,8 +366,11 @@ class NoisyCrossbarGemm(CrossbarGemm):
             return super()._psums(x, passes)             # per-array fit: the ideal cells
         x = np.asarray(x).astype(np.int64)
         nb = x.shape[0]
-        hi = (1 << (self.a_bits - 1)) - 1
+        hi = (1 << self.in_bits) - 1
         if nb and (x.max() > hi or x.min() < (-hi if passes == 2 else 0)):
+            if self.a_unsigned:
+                raise ValueError(f"layer {self.name}: crossbar inputs must be unsigned "
+                                 f"{self.a_bits}-bit integers in [0, {hi}]")
             raise ValueError(f"layer {self.name}: crossbar inputs must be symmetric "
                              f"{self.a_bits}-bit integers in [{-hi}, {hi}]")
         xb, lm = self.crossbar, self.lm
@@ -375,7 +378,7 @@ class NoisyCrossbarGemm(CrossbarGemm):
         tab = self._range_table()
         levels = (1 << xb.adc_bits) - 1
         dac, dmask = xb.dac_bits, (1 << xb.dac_bits) - 1
-        C = xb.input_cycles(self.a_bits)
+        C = xb.input_cycles(self.a_bits, self.a_unsigned)
         O, Q = self.grid.O, len(self.col_set)
         aps, R = self.aps, self.R
         sig = 0.0 if rec else self.phys.read_sigma / self.phys.delta
@@ -518,9 +521,10 @@ class NoisyCrossbarGemm(CrossbarGemm):
     # -- drift compensation --------------------------------------------------------------------
     def reference_inputs(self) -> np.ndarray:
         """The ``REF_VECTORS`` x K reference vectors (the same for every chip and layer size):
-        integers in ``[0, 2^(a-1)-1]`` on a random half of the inputs, 0 elsewhere."""
+        integers in ``[0, 2^(a-1)-1]`` (unsigned inputs: ``[0, 2^a - 1]``) on a random half of
+        the inputs, 0 elsewhere."""
         rng = np.random.default_rng([_REF_KEY, self.grid.K_in])
-        hi = (1 << (self.a_bits - 1)) - 1
+        hi = (1 << self.in_bits) - 1
         x = rng.integers(0, hi + 1, size=(REF_VECTORS, self.grid.K_in))
         return x * (rng.random(x.shape) < 0.5)
 
