@@ -204,7 +204,7 @@ def _conv_op(device, a_bits=6):
     return NoisyCrossbarGemm(wq, grid, np.full(grid.shape, 0.01), xb, 4, a_bits)
 
 
-def test_same_seed_same_outputs_for_batch_sizes_7_and_50_other_seed_differs():
+def test_same_seed_same_outputs_for_batch_sizes_7_and_50_and_any_threads_other_seed_differs():
     device = dev(programming_noise=0.02, read_noise=0.02, seed=11)
     x = torch.from_numpy(np.random.default_rng(2).integers(-31, 32, (50, 3, 6, 6))
                          .astype(np.float32))
@@ -221,6 +221,14 @@ def test_same_seed_same_outputs_for_batch_sizes_7_and_50_other_seed_differs():
     assert not np.array_equal(run(other, 50), y50)
     op.program(12)                                                       # = chip 12
     np.testing.assert_array_equal(run(op, 50), run(other, 50))
+    # nor on the thread count (torch / Numba threads; the analog path's BLAS runs on one)
+    from pimsim.kernels import threads
+    with threads(1):
+        y1 = run(_conv_op(device), 7)
+    with threads(2):
+        y2 = run(_conv_op(device), 50)
+    np.testing.assert_array_equal(y1, y50)
+    np.testing.assert_array_equal(y2, y50)
     # without the reset the next images get new read noise
     op.reset_stats()
     first = op.conv(x[:7], 0.1, (3, 3), padding=(1, 1))
