@@ -7,9 +7,11 @@ The network is calibrated once (PTQ-SL, W4A8, ``quant.tile: crossbar`` = 63 x 12
 ISAAC-like preset hwconfigs/isaac.yaml: 128x128 arrays, 2-bit cells, offset weights, 1-bit
 DAC; 128 calibration images of data_batch_1, seed 0; first and last layer in float) and put
 on the arrays. Then every point of adc_bits (ideal, 8, 7, 6, 5, 4) x ADC range policy
-(full, calibrated) is evaluated with the array-level simulation (``eval.backend: crossbar``) on
-the test set (all 10,000 images unless --limit). ``calibrated`` ranges are fitted on the
-calibration batch (largest column sum per array). The ideal ADC is one point (it does not depend
+(full, calibrated, calibrated_slice) is evaluated with the array-level simulation
+(``eval.backend: crossbar``) on the test set (all 10,000 images unless --limit).
+``calibrated`` ranges are fitted on the calibration batch (largest column sum per array),
+``calibrated_slice`` ones per array and weight slice (run by the analog array model
+``pimsim.crossbar.noisy`` with ideal cells). The ideal ADC is one point (it does not depend
 on the policy). One CSV row per point (``seed=0/adc_bits=<b>/<policy>``) is appended as soon as
 it is done, through benchmarks/harness.py (with its provenance columns); a rerun computes only
 the missing points. Speed: the first --speed-images test images through the tiled-integer
@@ -42,7 +44,7 @@ from pimsim.simulate import calibration_batch, evaluate, prepare, quantize_netwo
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "hwconfigs" / "isaac.yaml"
 ADC_BITS = (8, 7, 6, 5, 4)
-POLICIES = ("full", "calibrated")
+POLICIES = ("full", "calibrated", "calibrated_slice")
 FIELDS = ["model", "preset", "adc_bits", "policy", "top1", "adc_clip_fraction", "images",
           "eval_s"]
 
@@ -81,7 +83,7 @@ def plot(rows: dict, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     ideal = rows.get(("0", "ideal"))
-    for pol, mark in zip(POLICIES, ("o-", "s-")):
+    for pol, mark in zip(POLICIES, ("o-", "s-", "^-")):
         pts = sorted((int(b), 100 * float(r["top1"])) for (b, p), r in rows.items() if p == pol)
         if pts:
             ax.plot([b for b, _ in pts], [a for _, a in pts], mark, label=f"{pol} range")
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     for bits, pol in tqdm(todo, desc=stem, unit="point"):
         xb = dataclasses.replace(xb0, adc_bits=bits, adc_range="full" if pol == "ideal" else pol)
         set_adc(net, mapping, xb)
-        if pol == "calibrated":
+        if pol in ("calibrated", "calibrated_slice"):
             fit_adc_ranges(net, calib, bs)
         reset_adc_stats(net)
         dt, top1 = timed_eval(net, "crossbar", images, labels, bs)

@@ -121,6 +121,10 @@ def _cmd_run(args) -> int:
     print(f"images {res['images']}{' (limit capped)' if res['limit_capped'] else ''}  float top-1 {100 * res['fp_top1']:.2f}%  "
           f"quantized top-1 {100 * res['top1']:.2f}%  "
           f"(calibration {res['calibration_s']:.1f}s, eval {res['eval_s']:.1f}s)")
+    if len(res.get("top1_instances") or ()) > 1:
+        print(f"chips {res['chip_seeds'][0]}..{res['chip_seeds'][-1]}: top-1 mean "
+              f"{100 * res['top1']:.2f}% sd {100 * res['top1_sd']:.2f}% min "
+              f"{100 * res['top1_min']:.2f}% max {100 * res['top1_max']:.2f}%")
     if "arrays" in res:
         clip = res["adc_clip_fraction"]
         print(f"crossbar {res['crossbar']['name']}: {res['arrays']} arrays, utilization "

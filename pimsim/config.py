@@ -371,6 +371,12 @@ def validate(raw: dict, source: str = "<config>", overrides=()) -> Config:
             if not isinstance(value, dict):
                 raise _err(where, dotted, value, "must be a mapping")
             value = {**data[sec][key], **value}
+        if (sec, key) == ("crossbar", "device"):      # name the sub-key: crossbar.device.<key>
+            from .crossbar.device import locate_device_problem
+            located = locate_device_problem(value)
+            if located:
+                k, v, what = located
+                raise _err(where, f"crossbar.device.{k}" if k else dotted, v, what)
         problem = spec.check(value)
         if problem:
             raise _err(where, dotted, shown, problem)

@@ -315,8 +315,15 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int, out_dir=Non
     mapping = setup_crossbar(prep, loaded) if cfg.crossbar is not None else None
     net.set_mode(cfg["eval.backend"])
     t0 = time.perf_counter()
-    top1, _ = evaluate_dataset(net, ds, bs, n_images, progress,
-                               desc=f"quantized ({cfg['eval.backend']})")
+    chips = chip_seeds(cfg)
+    tops = []
+    for seed in chips:                             # Monte Carlo chips (crossbar.device)
+        if seed is not None:
+            from .crossbar.noisy import program_chips
+            program_chips(net, seed)               # the read-noise stream restarts too
+        desc = f"quantized ({cfg['eval.backend']})" + ("" if seed is None else f", chip {seed}")
+        tops.append(evaluate_dataset(net, ds, bs, n_images, progress, desc=desc)[0])
+    top1 = float(np.mean(tops))
     eval_s = time.perf_counter() - t0
     resolved = resolved_config(prep, limit)
     ckpt = resolved["model"]["checkpoint"]
@@ -349,11 +356,30 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int, out_dir=Non
         out["loaded"] = str(loaded["dir"])
     if mapping is not None:
         crossbar_results(out, net, mapping, cfg["eval.backend"] == "crossbar")
+    if cfg.crossbar is not None and cfg["eval.backend"] == "crossbar":
+        out["top1_instances"] = tops
+        out["top1_sd"] = float(np.std(tops, ddof=1)) if len(tops) > 1 else 0.0
+        out["top1_min"], out["top1_max"] = float(min(tops)), float(max(tops))
+        out["chip_seeds"] = [s for s in chips if s is not None]
+        dev = cfg.crossbar.dev
+        if dev.instances > 1 and chips == [None]:
+            notes.append(f"crossbar.device.instances: {dev.instances}: the cells are ideal, "
+                         "so every chip is the same; evaluated once")
     if out_dir is not None:
         ex = write_export(prep, out_dir, mapping, reorder, loaded, resolved)
         out["export"] = ex
         out["notes"] = notes + ex["notes"]
     return out
+
+
+def chip_seeds(cfg: Config) -> list:
+    """The chip seeds a run evaluates: ``crossbar.device.seed .. seed + instances - 1`` when the
+    layers run on the analog array model (backend crossbar, ``Crossbar.analog``), else
+    ``[None]`` (one evaluation: ideal cells make every chip the same)."""
+    xb = cfg.crossbar
+    if xb is None or cfg["eval.backend"] != "crossbar" or xb.dev.ideal:
+        return [None]
+    return list(range(xb.dev.seed, xb.dev.seed + xb.dev.instances))
 
 
 def setup_crossbar(prep: Prepared, loaded: dict | None = None):
@@ -367,7 +393,8 @@ def setup_crossbar(prep: Prepared, loaded: dict | None = None):
     if loaded is not None and loaded["adc_ranges"]:
         from .export import apply_adc_ranges
         apply_adc_ranges(prep.net, loaded["adc_ranges"], str(loaded["dir"]))
-    elif cfg["eval.backend"] == "crossbar" and cfg.crossbar.adc_range == "calibrated" \
+    elif cfg["eval.backend"] == "crossbar" \
+            and cfg.crossbar.adc_range in ("calibrated", "calibrated_slice") \
             and cfg.crossbar.adc_bits > 0:
         fit_adc_ranges(prep.net, calibration_batch(prep), cfg["eval.batch_size"])
     reset_adc_stats(prep.net)

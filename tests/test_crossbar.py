@@ -50,7 +50,7 @@ def test_geometry_counts():
     ({"rows": 0}, "crossbar.rows: 0: must be an integer in 1..4096"),
     ({"cell_bits": 9}, "crossbar.cell_bits"),
     ({"signed": "twos"}, "must be one of differential, offset"),
-    ({"adc_range": -1}, "must be full, calibrated or a positive number"),
+    ({"adc_range": -1}, "must be full, calibrated, calibrated_slice or a positive number"),
     ({"adc_bits": True}, "crossbar.adc_bits"),
 ])
 def test_crossbar_rejects_bad_fields(kw, msg):
@@ -179,7 +179,7 @@ def test_config_crossbar_section():
     ({"crossbar": {"signed": "twos"}},
      "x.yaml: crossbar.signed: twos: must be one of differential, offset"),
     ({"crossbar": {"adc_range": "auto"}},
-     "x.yaml: crossbar.adc_range: auto: must be full, calibrated or a positive number"),
+     "x.yaml: crossbar.adc_range: auto: must be full, calibrated, calibrated_slice or a positive number"),
     ({"crossbar": {"adc_bits": 17}}, "x.yaml: crossbar.adc_bits: 17: must be an integer in 0..16"),
     ({"crossbar": {"colls": 3}}, "x.yaml: crossbar.colls: 3: unknown key; allowed in crossbar"),
     ({"crossbar": {"cols": 4, "cell_bits": 1}},

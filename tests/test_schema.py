@@ -74,7 +74,7 @@ def readme_rows(text: str) -> tuple[list[tuple[str, object]], list[str]]:
             if len(cells) != len(header):
                 problems.append(f"row with {len(cells)} cells, header has {len(header)}: {row}")
                 continue
-            key = re.fullmatch(r"`([a-z_]+(?:\.[a-z_]+)+)`", cells[ki])
+            key = re.fullmatch(r"`([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+)`", cells[ki])
             default = re.fullmatch(r"`([^`]*)`", cells[di])
             if key is None:
                 problems.append(f"key cell is not one `dotted.key`: {cells[ki]!r}")

@@ -65,7 +65,7 @@ def adc_tables(crossbar: Crossbar, lm: LayerMapping, ranges=None, ideal: bool = 
     if ideal or crossbar.adc_bits == 0:
         return np.full(G, np.iinfo(np.int64).max), np.ones(G), full
     if ranges is None:
-        if crossbar.adc_range == "calibrated":
+        if crossbar.adc_range in ("calibrated", "calibrated_slice"):
             raise ValueError(f"layer {lm.name}: adc_range calibrated needs the ranges fitted on "
                              "the calibration batch (CrossbarGemm.start_fit / finish_fit)")
         ranges = full if crossbar.adc_range == "full" else np.full(G, float(crossbar.adc_range))
@@ -119,7 +119,7 @@ class CrossbarGemm:
             # a grouped layer: every group on arrays of its own (its own CrossbarGemm on its
             # rows, tiles and inputs); the partial sums are put together and rescaled here
             gm = lm.group_mapping()
-            self.parts = [CrossbarGemm(wq[grid.group_rows(g)], grid.group_grid(),
+            self.parts = [type(self)(wq[grid.group_rows(g)], grid.group_grid(),
                                        grid.group_scales(scales, g), crossbar, self.w_bits,
                                        self.a_bits, mapping=gm, name=f"{name} group {g}",
                                        shortcut=False, a_unsigned=self.a_unsigned)
@@ -163,7 +163,8 @@ class CrossbarGemm:
             self.thr = None if any(p.thr is None for p in self.parts) else True
             return
         ideal = self.recording or self.crossbar.adc_bits == 0
-        if not ideal and self.crossbar.adc_range == "calibrated" and self.ranges is None:
+        if not ideal and self.crossbar.adc_range in ("calibrated", "calibrated_slice") \
+                and self.ranges is None:
             self.thr = None                  # until fitted
             return
         from ..array_kernels import adc_lut

@@ -1,7 +1,9 @@
 """Backend ``crossbar``: the layer computed on its simulated crossbar arrays
 (``pimsim.crossbar.arrays.CrossbarGemm``). Built by ``GemmLayer.set_crossbar(crossbar,
 mapping)`` (``set_backend("crossbar", crossbar=..., mapping=...)``), usually through
-``pimsim.crossbar.attach``; the layer's quantization must be symmetric."""
+``pimsim.crossbar.attach``; the layer's quantization must be symmetric. With non-ideal
+cells (``crossbar.device``), ``adc_range: calibrated_slice`` or a drift ``compensation``
+(``Crossbar.analog``) the layer runs on the analog model ``pimsim.crossbar.noisy``."""
 
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ class CrossbarBackend(IntegerBackend):
         q = layer.quant
         if q is None or not q.symmetric:
             raise ValueError(f"layer {layer.name}: crossbar mode needs a symmetric quantization")
-        self.op = CrossbarGemm(layer.wq, q.grid, q.w_scales, crossbar, q.w_bits, q.a_bits,
-                               mapping=mapping, name=layer.name, a_unsigned=q.act_unsigned)
+        cls = CrossbarGemm
+        if crossbar.analog:              # real cells, per-slice ADC ranges or compensation
+            from .noisy import NoisyCrossbarGemm as cls
+        self.op = cls(layer.wq, q.grid, q.w_scales, crossbar, q.w_bits, q.a_bits,
+                      mapping=mapping, name=layer.name, a_unsigned=q.act_unsigned)
 
     def gemm(self, xq, act_scale, bias):
         return self.op(xq, act_scale, bias=bias)

@@ -20,7 +20,8 @@ from ..quant import check_bits
 from ..schema import non_empty_str, setting
 
 SIGNED = ("differential", "offset")
-RANGES = ("full", "calibrated")
+RANGES = ("full", "calibrated", "calibrated_slice")
+COMPENSATION = ("none", "global", "tile")
 
 
 def _whole(v) -> bool:
@@ -49,7 +50,21 @@ def _adc_range(v) -> str | None:
     if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
             and math.isfinite(v) and v > 0:
         return None
-    return "must be full, calibrated or a positive number (a column-sum value)"
+    return "must be full, calibrated, calibrated_slice or a positive number (a column-sum value)"
+
+
+def _compensation(v) -> str | None:
+    return None if v in COMPENSATION else f"must be one of {', '.join(COMPENSATION)}"
+
+
+def _device_check(v) -> str | None:
+    from .device import check_device
+    return check_device(v)
+
+
+def _device_defaults() -> dict:
+    from .device import DEVICE_DEFAULTS
+    return dict(DEVICE_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -67,15 +82,41 @@ class Crossbar:
     adc_bits: int = setting(0, "ADC resolution in bits (0 = ideal, 1..16)", _IntRange(0, 16))
     adc_range: object = setting("full", "ADC range: full (largest possible column sum) | "
                                 "calibrated (per array, largest column sum on the calibration "
-                                "batch) | a number (column-sum units)", _adc_range)
+                                "batch) | calibrated_slice (per array and weight slice) | a number "
+                                "(column-sum units)", _adc_range)
     scale_bits: int = setting(16, "bits to store one tile scale (1..64)", _IntRange(1, 64))
     name: str = setting("custom", "preset name", non_empty_str)
+    compensation: str = setting("none", "drift compensation from reference inputs: none | "
+                                "global (one factor per layer) | tile (one factor per tile, "
+                                "folded into its scale)", _compensation)
+    device: dict = setting(doc="the cells as real devices (pimsim.crossbar.device.Device); "
+                           "all defaults = ideal cells", check=_device_check,
+                           factory=_device_defaults)
 
     def __post_init__(self):
         for f in fields(self):
             problem = f.metadata["check"](getattr(self, f.name))
             if problem:
+                if f.name == "device":               # names crossbar.device.<key> itself
+                    raise ValueError(problem)
                 raise ValueError(f"crossbar.{f.name}: {getattr(self, f.name)!r}: {problem}")
+        from .device import Device
+        object.__setattr__(self, "_device", Device.from_dict(self.device))
+
+    @property
+    def dev(self):
+        """The ``pimsim.crossbar.device.Device`` of ``device``."""
+        return self._device
+
+    @property
+    def analog(self) -> bool:
+        """True when the layer must run on the analog (float) array model,
+        ``pimsim.crossbar.noisy``: non-ideal cells, per-slice ADC ranges or drift compensation."""
+        return (not self._device.ideal or self.compensation != "none"
+                or (self.adc_range == "calibrated_slice" and self.adc_bits > 0))
+
+    def __hash__(self):
+        return hash(tuple((f.name, repr(getattr(self, f.name))) for f in fields(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Crossbar":
