@@ -1,7 +1,7 @@
 """Accuracy with real devices: ResNet-20 W4A8 PTQ-SL on ISAAC-like arrays whose cells are noisy,
 drift and get stuck (issue 15), and the speed of the analog array model.
 
-    python benchmarks/bench_devices.py [--parts a b d speed] [--sizes 64 128 256]
+    python benchmarks/bench_devices.py [--parts a b c d speed] [--sizes 64 128 256]
         [--instances 5] [--limit N] [--speed-images 1000] [--threads T] [--out DIR]
 
 The network is calibrated ONCE per array size (PTQ-SL, W4A8, ``quant.tile: crossbar`` on the
@@ -24,7 +24,9 @@ with ideal cells is deterministic: one chip) on the test set (all 10,000 images 
   as shipped) and through the analog model with programming noise 0.02 and read noise 0.01
   (128x128), same process, after a warm-up; ``slowdown_vs_ideal_arrays`` = analog / ideal.
 
-(Part ``c``, accuracy vs ``wire_r``, comes with the IR-drop model: add it to ``PARTS``.)
+- ``c``: wire resistance ``wire_r`` in {1e-6, 1e-5, 3e-5, 1e-4} (fraction of the cell's lowest
+  resistance 1/g_max; ``pimsim.crossbar.irdrop`` folded into each array's conductances, ideal
+  cells: one chip per point) for every size of ``--sizes``;
 
 One CSV row per (point, chip) is appended as soon as it is done, through benchmarks/harness.py
 (with its provenance columns); a rerun computes only the missing rows. Writes
@@ -54,6 +56,7 @@ TIMES = {"1 s": 1.0, "1 h": 3600.0, "1 day": 86400.0, "1 month": 30 * 86400.0,
          "1 year": 365 * 86400.0}
 COMPENSATION = ("none", "global", "tile")
 STUCK = (0.001, 0.01, 0.05)
+WIRE_R = (1e-6, 1e-5, 3e-5, 1e-4)
 SPEED_DEVICE = {"programming_noise": 0.02, "read_noise": 0.01}
 FIELDS = ["part", "model", "size", "key", "value", "compensation", "chip", "top1",
           "adc_clip_fraction", "images", "eval_s"]
@@ -69,12 +72,16 @@ def part_b(sizes):
             for comp in COMPENSATION for name, t in TIMES.items()]
 
 
+def part_c(sizes):
+    return [("c", s, "wire_r", v, {"wire_r": v}, "none") for s in sizes for v in WIRE_R]
+
+
 def part_d(sizes):
     return [("d", s, "stuck", v, {"stuck_off": v / 2, "stuck_on": v / 2}, "none")
             for s in sizes for v in STUCK]
 
 
-PARTS = {"a": part_a, "b": part_b, "d": part_d}
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
 
 
 def point_name(part, size, key, value, comp) -> str:
@@ -170,7 +177,7 @@ def cell(p) -> str:
 def tables(summ: dict) -> list[str]:
     md = []
     get = lambda *k: summ.get(point_name(*k))              # noqa: E731
-    sizes = sorted({p["size"] for p in summ.values() if p["part"] in "ad"})
+    sizes = sorted({p["size"] for p in summ.values() if p["part"] in "acd"})
     if any(p["part"] == "a" for p in summ.values()):
         md += ["", "(a) top-1 (%) vs programming noise (sigma, fraction of g_max): mean ± sd "
                "[min, max] over chips", "",
@@ -186,6 +193,14 @@ def tables(summ: dict) -> list[str]:
         for name in TIMES:
             md.append(f"| {name} | " + " | ".join(cell(get("b", 128, "t_inference", name, c))
                                                   for c in COMPENSATION) + " |")
+    if any(p["part"] == "c" for p in summ.values()):
+        md += ["", "(c) top-1 (%) vs wire resistance (one segment, fraction of 1/g_max; ideal "
+               "cells, one chip)", "",
+               "| wire_r | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
+               "|---|" + "---:|" * len(sizes)]
+        for v in WIRE_R:
+            md.append(f"| {v:g} | " + " | ".join(cell(get("c", s, "wire_r", str(v), "none"))
+                                                 for s in sizes) + " |")
     if any(p["part"] == "d" for p in summ.values()):
         md += ["", "(d) top-1 (%) vs stuck cells (half at g_min, half at g_max)", "",
                "| stuck | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
@@ -200,8 +215,9 @@ def plot(summ: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for part, ax, key in (("a", axes[0], "programming_noise"), ("d", axes[2], "stuck")):
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for part, ax, key in (("a", axes[0], "programming_noise"), ("c", axes[2], "wire_r"),
+                          ("d", axes[3], "stuck")):
         for s in sorted({p["size"] for p in summ.values() if p["part"] == part}):
             pts = sorted((float(p["value"]), p) for p in summ.values()
                          if p["part"] == part and p["size"] == s)
@@ -228,7 +244,9 @@ def plot(summ: dict, path: Path) -> None:
         ax.legend(title="compensation")
     axes[0].set_title("(a) programming noise")
     axes[1].set_title("(b) PCM drift")
-    axes[2].set_title("(d) stuck cells")
+    axes[2].set_title("(c) wire resistance")
+    axes[2].set_xscale("log")
+    axes[3].set_title("(d) stuck cells")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -240,7 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", choices=[*PARTS, "speed"],
                     default=[*PARTS, "speed"])
     ap.add_argument("--sizes", nargs="+", type=int, choices=sorted(PRESETS),
-                    default=sorted(PRESETS), help="array sizes of parts a and d")
+                    default=sorted(PRESETS), help="array sizes of parts a, c and d")
     ap.add_argument("--instances", type=int, default=5, help="chips per noisy point")
     ap.add_argument("--speed-images", type=int, default=1000)
     common_args(ap, seeds=None)
@@ -259,7 +277,8 @@ def main(argv=None) -> int:
         spd = speed(sizes, args.speed_images, 500)
     points = [pt for part in args.parts if part in PARTS for pt in PARTS[part](args.sizes)]
     for part, size, key, value, device, comp in points:
-        ideal = Device(**device).ideal
+        # ideal cells (wires aside) draw nothing at random: every chip is the same
+        ideal = Device(**device).physics(2).cells_ideal
         chips = [0] if ideal else list(range(args.instances))
         name = point_name(part, size, key, value, comp)
         todo = [c for c in chips if f"{name}/chip={c}" not in res]

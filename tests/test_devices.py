@@ -336,6 +336,7 @@ BAD = [
     ("stuck_on", -0.1, "[0, 1]"), ("model", "flash", "none, pcm, rram"),
     ("seed", -1, ">= 0"), ("seed", 1.5, "integer"), ("instances", 0, ">= 1"),
     ("instances", True, "integer"), ("wire_resistance", 1, "unknown key"),
+    ("wire_r", -1e-4, "[0, 1]"), ("wire_r", 2, "[0, 1]"), ("wire_r", "low", "[0, 1]"),
 ]
 
 
@@ -485,3 +486,46 @@ def test_unsigned_inputs_use_all_bits_and_equal_the_integer_path():
         assert (a.clipped, a.conversions) == (b.clipped, b.conversions)
     with pytest.raises(ValueError, match="unsigned 6-bit integers in \\[0, 63\\]"):
         b(-x, 0.1)
+
+
+# --------------------------------------------------------------------------- wire resistance
+
+@pytest.mark.parametrize("exact_cells", [128 * 128, 0], ids=["exact", "coupled-line-model"])
+def test_wire_resistance_folds_the_exact_nodal_solve_into_the_conductances(exact_cells,
+                                                                           monkeypatch):
+    """wire_r > 0: the matrix the ADC sees is (T - g_min) / delta of each physical array, T the
+    sensed-current transfer of the resistive network; checked against the exact nodal solve
+    of ``irdrop.solve_exact`` (one word line driven at a time), the conductances placed on
+    the bit lines of ``bitline_layout`` and g_min on the unused cells; on arrays above
+    WIRE_EXACT_CELLS the coupled line model (here forced) is within 1e-3 level steps of it."""
+    import pimsim.crossbar.noisy as noisy
+    from pimsim.crossbar.irdrop import solve_exact
+    monkeypatch.setattr(noisy, "WIRE_EXACT_CELLS", exact_cells)
+    rows, g_min, r = 8, 0.1, 2e-3
+    ideal = _column_op(dev(g_min=g_min), O=2, rows=rows)
+    op = _column_op(dev(g_min=g_min, wire_r=r), O=2, rows=rows)
+    xb, delta = op.crossbar, (1 - g_min) / 3
+    arr, line = op.bitline_layout()
+    assert (arr == 0).all()                                       # one array
+    g = np.full((xb.rows, xb.cols), g_min)
+    g[:, line] = g_min + delta * ideal.G_all[0].astype(np.float64)
+    T = solve_exact(np.eye(xb.rows), g, r)                        # row i: word line i at 1
+    want = (T[:, line] - g_min) / delta
+    got = op.G_all[0].astype(np.float64)
+    assert np.abs(got - ideal.G_all[0]).max() > 1e-3              # the wires matter here
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if exact_cells else 1e-3)
+
+
+def test_wire_resistance_lowers_the_column_sums_more_for_larger_arrays_and_wires():
+    """All weights +2, all inputs 1: the ideal column sum is 2 * rows; with wire resistance the
+    sensed currents are lower, more so for larger wire_r and for more word lines."""
+    x = lambda rows: np.ones((1, rows))  # noqa: E731
+    drop = {}
+    for rows in (16, 64):
+        for r in (1e-4, 1e-3):
+            op = _column_op(dev(wire_r=r), O=2, rows=rows)
+            P = op._psums(x(rows), 1)[0, 0]
+            drop[rows, r] = 1 - float(np.mean(P)) / (2 * rows)
+    assert all(d > 0 for d in drop.values()), drop
+    assert drop[16, 1e-4] < drop[16, 1e-3] and drop[64, 1e-4] < drop[64, 1e-3], drop
+    assert drop[16, 1e-4] < drop[64, 1e-4] and drop[16, 1e-3] < drop[64, 1e-3], drop

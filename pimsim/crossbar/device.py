@@ -75,6 +75,13 @@ def _time(v):
     return None if _num(v) and v >= 0 else "must be a number of seconds >= 0"
 
 
+def _wire_r(v):
+    if _num(v) and 0 <= v <= 1:
+        return None
+    return ("must be a number in [0, 1] (one wire segment's resistance as a fraction of the "
+            "cell's lowest resistance 1/g_max)")
+
+
 def _model(v):
     return None if v in MODELS else f"must be one of {', '.join(MODELS)}"
 
@@ -115,6 +122,9 @@ class Device:
     t_inference: float = setting(0.0, "seconds after t0 at which the network runs", _time)
     stuck_off: float = setting(0.0, "fraction of cells stuck at g_min", _fraction)
     stuck_on: float = setting(0.0, "fraction of cells stuck at g_max", _fraction)
+    wire_r: float = setting(0.0, "resistance of one wire segment between adjacent cells "
+                            "(word and bit lines), fraction of the cell's lowest resistance "
+                            "1/g_max; 0: ideal wires (pimsim.crossbar.irdrop)", _wire_r)
     model: str = setting("none", "named statistical model: none | pcm | rram "
                          "(hwconfigs/devices/<model>.yaml)", _model)
     seed: int = setting(0, "the chip instance: same seed, same cells", _seed)
@@ -234,6 +244,7 @@ class DevicePhysics:
         # the PCM model's accumulated 1/f noise (a per-cell deviation at time t)
         self.flicker = m.get("read_noise_1f") if d.read_noise is None else None
         self.stuck_off, self.stuck_on = float(d.stuck_off), float(d.stuck_on)
+        self.wire_r = float(d.wire_r)
 
     @property
     def drifts(self) -> bool:
@@ -242,9 +253,15 @@ class DevicePhysics:
         return self.nu_model is not None or self.nu_mean > 0 or self.nu_std > 0
 
     @property
-    def ideal(self) -> bool:
+    def cells_ideal(self) -> bool:
+        """Every cell holds its target conductance and every read is exact (wires aside)."""
         return (not any(self.prog_poly) and not self.drifts and self.read_sigma == 0
                 and self.flicker is None and self.stuck_off == 0 and self.stuck_on == 0)
+
+    @property
+    def ideal(self) -> bool:
+        """Ideal cells and ideal wires: the integer array model computes the same."""
+        return self.cells_ideal and self.wire_r == 0
 
     # -- level-dependent quantities ------------------------------------------------------------
     def target(self, level) -> np.ndarray:

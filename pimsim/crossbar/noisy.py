@@ -68,6 +68,7 @@ from numba import njit
 from .arrays import CrossbarGemm, adc_tables
 from .mapping import adc_conversions
 
+WIRE_EXACT_CELLS = 128 * 128   # arrays up to this many cells: the exact IR-drop solve
 REF_VECTORS = 64          # reference input vectors of the drift compensation
 _REF_KEY = 0x5EF         # the reference pattern's seed (the same on every chip)
 
@@ -268,7 +269,7 @@ class NoisyCrossbarGemm(CrossbarGemm):
             return
         ph = self.phys
         self.cells, self.ref_cells = [], []
-        if not ph.ideal:
+        if not ph.cells_ideal:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed,
                                                                                self.key])))
             S, rows = self.lm.segments, self.crossbar.rows
@@ -293,7 +294,7 @@ class NoisyCrossbarGemm(CrossbarGemm):
                 p.refresh()
             return
         ph = self.phys
-        if ph.ideal:
+        if ph.cells_ideal:
             self.G = [lv.astype(self._dtype) for lv in self.levels]
             self.Gref = [lv.astype(self._dtype) for lv in self.ref_levels]
         else:
@@ -305,6 +306,34 @@ class NoisyCrossbarGemm(CrossbarGemm):
         # weight and reference columns side by side: one product per cycle
         self.G_all = [np.ascontiguousarray(np.concatenate([g, r], axis=1))
                       for g, r in zip(self.G, self.Gref)]
+        if ph.wire_r > 0:
+            self.G_all = [self._with_wires(s, g) for s, g in enumerate(self.G_all)]
+
+    def _with_wires(self, s: int, G: np.ndarray) -> np.ndarray:
+        """Segment ``s``'s conductance matrix (level units) with the wire resistance folded in.
+
+        The resistive array is linear in its word-line voltages, so its sensed column currents
+        are ``d @ T`` with ``T = pimsim.crossbar.irdrop.effective_conductance(g)`` of each
+        physical array (``rows x cols`` conductances in fractions of g_max: the programmed
+        cells, ``g_min`` at cells no column uses): the exact nodal solve up to 128 x 128 cells,
+        where it costs about what the line model does, the coupled line model on larger
+        arrays (its error against the exact solve: README, ``bench_irdrop``). The chip subtracts
+        the nominal ``g_min * sum_i d_i`` and divides by ``delta``, so the matrix the ADC sees
+        is ``(T - g_min) / delta`` at the used word lines and bit lines
+        (``bitline_layout``)."""
+        from .irdrop import effective_conductance
+        ph, xb = self.phys, self.crossbar
+        arr, line = self.bitline_layout()
+        rows = G.shape[0]
+        out = np.empty_like(G)
+        for a in range(self.aps):
+            cols = np.flatnonzero(arr == a)
+            g = np.full((xb.rows, xb.cols), ph.g_min, dtype=np.float64)
+            g[:rows, line[cols]] = ph.g_min + ph.delta * G[:, cols].astype(np.float64)
+            method = "exact" if xb.rows * xb.cols <= WIRE_EXACT_CELLS else "coupled"
+            T = effective_conductance(np.clip(g, 0.0, None), ph.wire_r, method)
+            out[:, cols] = ((T[:rows, line[cols]] - ph.g_min) / ph.delta).astype(G.dtype)
+        return out
 
     def reset_stats(self) -> None:
         super().reset_stats()
