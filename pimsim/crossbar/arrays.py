@@ -89,7 +89,6 @@ class CrossbarGemm:
     def __init__(self, wq, grid: TileGrid, scales, crossbar: Crossbar, w_bits: int,
                  a_bits: int, mapping: LayerMapping | None = None, name: str = "layer",
                  shortcut: bool = True, a_unsigned: bool = False):
-        from .. import array_kernels as ak
         from ..kernels import TiledGemm
         self.crossbar = crossbar
         self.w_bits, self.a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
@@ -124,15 +123,22 @@ class CrossbarGemm:
                                        self.a_bits, mapping=gm, name=f"{name} group {g}",
                                        shortcut=False, a_unsigned=self.a_unsigned)
                           for g in range(grid.groups)]
-            self.n_arrays = lm.segments * lm.arrays_per_segment
-            self.ranges = None
-            self.recording = False
-            self.seen = np.zeros(self.n_arrays, dtype=np.int64)
-            self._set_tables()
-            self.reset_stats()
-            return
+        else:
+            self._build_columns(wq)
+        self.n_arrays = lm.segments * lm.arrays_per_segment
+        self.ranges = None
+        self.recording = False
+        self.seen = np.zeros(self.n_arrays, dtype=np.int64)
+        self._set_tables()
+        self.reset_stats()
+
+    def _build_columns(self, wq) -> None:
+        """The packed weights and column tables of an ungrouped layer's arrays."""
+        from .. import array_kernels as ak
+        crossbar, lm = self.crossbar, self.lm
         self.seg_bounds = np.asarray(lm.seg_bounds, dtype=np.int64)
-        self.seg_col = np.searchsorted(grid.col_bounds(), self.seg_bounds[:-1], side="right") - 1
+        self.seg_col = np.searchsorted(self.grid.col_bounds(), self.seg_bounds[:-1],
+                                       side="right") - 1
         self.words = -(-crossbar.rows // 64)
         (self.col_set, self.col_t, self.col_b0, self.col_nb, self.col_sign, self.n_sets,
          self.mag_bits) = ak.column_table(self.w_bits, crossbar.cell_bits, crossbar.signed)
@@ -144,12 +150,6 @@ class CrossbarGemm:
         mask = (1 << crossbar.cell_bits) - 1
         self.ref_vals = np.array([(off >> (t * crossbar.cell_bits)) & mask
                                   for t in range(lm.ref_cols)], dtype=np.int64)
-        self.n_arrays = lm.segments * lm.arrays_per_segment
-        self.ranges = None
-        self.recording = False
-        self.seen = np.zeros(self.n_arrays, dtype=np.int64)
-        self._set_tables()
-        self.reset_stats()
 
     # -- ADC ranges ----------------------------------------------------------------------------
     def _set_tables(self):
