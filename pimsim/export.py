@@ -36,6 +36,7 @@ import numpy as np
 
 from . import __version__
 from .network import LayerQuant, Network
+from .provenance import provenance
 from .quant import qrange
 
 FORMAT = "pimsim-tiles"
@@ -54,6 +55,13 @@ class TilesError(ValueError):
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
+
+def _seed_of(cfg):
+    try:
+        return cfg["quant.seed"]
+    except (KeyError, TypeError):
+        return None
+
 
 def layer_entry(layer) -> dict:
     """The manifest entry of a quantized layer (no placement)."""
@@ -137,6 +145,8 @@ def export_tiles(net: Network, cfg, out_dir, mapping=None, orders: dict | None =
         "orders": {g: [int(i) for i in p] for g, p in (orders or {}).items()},
         "adc_ranges": sorted(adc_ranges),
         "layers": layers,
+        # who wrote it, when and how (the command, seed and threads of this process)
+        "provenance": provenance(seeds=[_seed_of(cfg)]),
     }
     if mapping is not None:
         manifest["crossbar"] = {"crossbar": mapping.crossbar.to_dict(), "arrays": mapping.arrays,
