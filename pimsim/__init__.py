@@ -6,11 +6,12 @@ into r x c sub-matrices, each on one crossbar tile with its own scaling factor.
 
 __version__ = "0.1.0"
 
-# One threading policy for the process, chosen here before any Numba kernel runs: Numba's
-# ``workqueue`` layer (plain pthreads that block when idle) unless NUMBA_THREADING_LAYER is set.
-# torch ships its own libgomp; Numba's ``omp`` layer links the system one, so the two OpenMP
-# runtimes each keep a pool of spinning threads and slow each other down (issue #16).
-# Pool sizes: both follow pimsim.kernels.set_threads / threads (eval.threads).
+# One threading policy for the process, chosen here, before any Numba kernel runs: Numba's
+# ``omp`` layer (its default on this stack when TBB is absent; pinned so that installing TBB
+# does not silently change it) unless NUMBA_THREADING_LAYER is set. Pool sizes: torch's and
+# Numba's both follow pimsim.kernels.set_threads / threads (``eval.threads``); the two pools
+# never run at the same time (a layer's partial sums, then its rescale). benchmarks/
+# bench_threads.py measures torch's speed before / after each backend for each layer.
 import os as _os
 import sys as _sys
 
