@@ -17,8 +17,24 @@ summation order can form is an integer of magnitude at most ``B = c * 2^(bw-1) *
 IEEE binary32 represents every integer of magnitude <= 2^24 exactly, so when ``B <= 2^24`` each
 product and each addition in an ``sgemm`` is exact, whatever the blocking, order or FMA use, and
 ``P_j`` comes out as the exact integer. When ``B > 2^24`` the same holds for binary64 up to 2^53
-(``dgemm``); beyond that, plain integer loops in Numba (int64) are used. ``plan_path`` picks the
-cheapest exact path. Only then do floats enter: the rescale and accumulation
+(``dgemm``); beyond that, plain integer loops in Numba (int64) are used.
+
+The ``int8`` path (cheaper than all of them on CPUs with int8 dot products, e.g. AVX-512 VNNI)
+stores both operands as int8 and forms each ``P_j`` with an int8 x int8 -> int32 GEMM
+(``torch._int_mm``, oneDNN). It applies when every operand fits int8: signed weights of
+``bw <= 8`` bits and signed activations of ``ba <= 8`` bits, or unsigned activations
+(``quant.act_signed``, values in ``[0, 2^ba - 1]``) of ``ba <= 7`` bits — unsigned 8-bit inputs
+reach 255, which int8 cannot hold, and keep the float paths. Each product then has magnitude at
+most ``2^14`` and every partial sum any order can form (a sum of at most c of them) at most
+``B``; when ``B <= 2^31 - 1`` the exact integer is an int32. Integer addition in two's complement
+is exact modulo 2^32, so even a kernel that internally offsets an operand (u8 x s8 with a
+compensation term) returns the exact partial sum, provided nothing saturates; a kernel that
+saturates (16-bit pair sums on pre-VNNI x86) is caught by the feature test run at import on the
+extreme products (-128 * -128, 127 * 127, -128 * 127, long dot products near 2^31), and the path
+is then not offered. ``torch._int_mm`` is a private API: it is used only when present, and it
+passes that test; ``PIMSIM_INT8=0`` in the environment or ``use_int8(False)`` turns it off.
+``plan_path`` picks the cheapest exact path (``int8`` when enabled and applicable, else the
+float paths in the order above). Only then do floats enter: the rescale and accumulation
 ``acc = sum_j float64(s_ij) * float64(clip(P_j))`` runs in float64 in the order j = 0..J-1, and
 ``Y = float32(float64(s_x) * acc) (+ bias)``; the reference performs the same operations in the
 same order, so the two agree bit for bit on the partial sums and to within rounding of the
@@ -44,7 +60,8 @@ from .quant import TileGrid, check_bits
 
 F32_EXACT = 2**24
 F64_EXACT = 2**53
-PATHS = ("auto", "f32", "f64", "int")
+I32_EXACT = 2**31 - 1
+PATHS = ("auto", "int8", "f32", "f64", "int")
 
 # Bytes of the converted input chunk plus its partial sums, per chunk of N columns.
 _CHUNK_BYTES = 1 << 22
@@ -56,14 +73,87 @@ def psum_bound(c: int, w_bits: int, a_bits: int, a_unsigned: bool = False) -> in
     return int(c) << (w_bits - 1) << (a_bits if a_unsigned else a_bits - 1)
 
 
-def plan_path(c: int, w_bits: int, a_bits: int, a_unsigned: bool = False) -> str:
-    """The cheapest exact path for tiles of c columns: ``f32``, ``f64`` or ``int``."""
+def int8_fits(c: int, w_bits: int, a_bits: int, a_unsigned: bool = False) -> bool:
+    """Whether the int8 path is exact for tiles of c columns: both operands fit int8 (weights
+    ``<= 8`` bits, signed inputs ``<= 8`` bits, unsigned inputs ``<= 7`` bits) and the partial-sum
+    bound is at most ``2^31 - 1``."""
+    fits = w_bits <= 8 and (a_bits <= 7 if a_unsigned else a_bits <= 8)
+    return fits and psum_bound(c, w_bits, a_bits, a_unsigned) <= I32_EXACT
+
+
+def plan_path(c: int, w_bits: int, a_bits: int, a_unsigned: bool = False,
+              int8: bool | None = None) -> str:
+    """The cheapest exact path for tiles of c columns: ``int8`` (if ``int8``, default: the
+    int8 path is enabled, ``int8_enabled()``, and ``int8_fits``), else ``f32``, ``f64`` or
+    ``int``."""
+    if int8 is None:
+        int8 = int8_enabled()
+    if int8 and int8_fits(c, w_bits, a_bits, a_unsigned):
+        return "int8"
     b = psum_bound(c, w_bits, a_bits, a_unsigned)
     if b <= F32_EXACT:
         return "f32"
     if b <= F64_EXACT:
         return "f64"
     return "int"
+
+
+# --------------------------------------------------------------------------------------------
+# The int8 GEMM (torch._int_mm), guarded
+# --------------------------------------------------------------------------------------------
+
+def _int8_self_test() -> str:
+    """'' if ``torch._int_mm`` exists and returns exact int32 products on the extreme and odd
+    cases, else the reason it is not used."""
+    mm = getattr(torch, "_int_mm", None)
+    if mm is None:
+        return f"torch {torch.__version__} has no torch._int_mm"
+    try:
+        rng = np.random.default_rng(0)
+        cases = [np.full((24, 64), v, np.int8) for v in (-128, 127)]
+        cases += [rng.integers(-128, 128, size=(33, 75)).astype(np.int8),
+                  rng.integers(-128, 128, size=(3, 5)).astype(np.int8)]
+        for a in cases:
+            for b in (a.T, -np.maximum(a.T, -127), rng.integers(-128, 128, size=(a.shape[1], 9))):
+                b = np.ascontiguousarray(b, dtype=np.int8)
+                got = mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+                if got.dtype != np.int32 or not np.array_equal(
+                        got.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64)):
+                    return "torch._int_mm gave an inexact product"
+        # a dot product of 131071 terms of -128 * -128 = 2^31 - 2^14, just below int32's limit
+        a = torch.full((1, 131071), -128, dtype=torch.int8)
+        if int(mm(a.expand(17, -1).contiguous(), a.t().contiguous())[0, 0]) != 131071 << 14:
+            return "torch._int_mm overflowed below 2^31"
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+        return f"torch._int_mm failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return ""
+
+
+INT8_UNAVAILABLE = _int8_self_test()          # '' when the int8 GEMM is there and exact
+_int8_on = [not INT8_UNAVAILABLE and os.environ.get("PIMSIM_INT8", "1").strip() != "0"]
+
+
+def int8_available() -> bool:
+    """The int8 GEMM exists and passed its import-time exactness test."""
+    return not INT8_UNAVAILABLE
+
+
+def int8_enabled() -> bool:
+    """The int8 path is offered by ``plan_path`` (available, not disabled by ``PIMSIM_INT8=0``
+    or ``use_int8(False)``)."""
+    return _int8_on[0]
+
+
+@contextlib.contextmanager
+def use_int8(flag: bool):
+    """``with use_int8(False):`` operators built in the block do not choose the int8 path
+    (``True``: they do, where available); the previous setting is restored on exit."""
+    before = _int8_on[0]
+    _int8_on[0] = bool(flag) and int8_available()
+    try:
+        yield _int8_on[0]
+    finally:
+        _int8_on[0] = before
 
 
 def _bits_of(dtype) -> int:
@@ -195,6 +285,21 @@ def im2col(x, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> np
     return out
 
 
+def _row_major(t):
+    """``t`` (2-D) itself if its strides are row-major ones (unit column stride, row stride at
+    least the row length), else a row-major copy: oneDNN misreads the arbitrary strides torch
+    allows on size-1 dimensions (a (1, n) tensor with strides (1, 1) is 'contiguous')."""
+    if t.stride(1) == 1 and t.stride(0) >= t.shape[1]:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+
+def _mm_int8(a, b, out=None):
+    """int8 x int8 -> exact int32 product (``torch._int_mm``); ``out`` contiguous int32."""
+    a, b = _row_major(a), _row_major(b)
+    return torch._int_mm(a, b, out=out) if out is not None else torch._int_mm(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # The prepared operator
 # --------------------------------------------------------------------------------------------
@@ -236,10 +341,19 @@ class TiledGemm:
         self.a_unsigned = bool(a_unsigned)
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        need = plan_path(grid.c, self.w_bits, self.a_bits, self.a_unsigned)
+        need = plan_path(grid.c, self.w_bits, self.a_bits, self.a_unsigned, int8=False)
         order = ("f32", "f64", "int")
         if path == "auto":
-            path = need
+            # int8 for ungrouped operators (a grouped one would need one int8 call per group)
+            path = plan_path(grid.c, self.w_bits, self.a_bits, self.a_unsigned,
+                             int8=int8_enabled() and grid.groups == 1)
+        elif path == "int8":
+            if not int8_fits(grid.c, self.w_bits, self.a_bits, self.a_unsigned):
+                raise ValueError(f"path 'int8' is not exact for c={grid.c}, "
+                                 f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+                                 f"{' unsigned' if self.a_unsigned else ''}: needs {need!r}")
+            if not int8_available():
+                raise ValueError(f"path 'int8' is not available: {INT8_UNAVAILABLE}")
         elif order.index(path) < order.index(need):
             raise ValueError(f"path {path!r} is not exact for c={grid.c}, "
                              f"w_bits={self.w_bits}, a_bits={self.a_bits}"
@@ -258,7 +372,10 @@ class TiledGemm:
         self.wq = np.ascontiguousarray(wq)
         self._bounds = grid.col_bounds()
         if self.path != "int":
-            self._dtype = torch.float32 if self.path == "f32" else torch.float64
+            self._dtype = {"int8": torch.int8, "f32": torch.float32,
+                           "f64": torch.float64}[self.path]
+            self._pdtype = torch.int32 if self.path == "int8" else self._dtype
+            self._mm = _mm_int8 if self.path == "int8" else torch.mm
             w = torch.from_numpy(self.wq).to(self._dtype)
             # W_j and W_j^T of every column block, contiguous, one per BLAS call
             self._wj = [w[:, grid.col_slice(j)].contiguous() for j in range(grid.n_col_blocks)]
@@ -294,7 +411,10 @@ class TiledGemm:
     def chunk_size(self, N) -> int:
         """Rows of X^T per chunk: keeps the converted input chunk and its partial sums in cache."""
         g = self.grid
-        per_row = g.K_in * 8 + g.n_col_blocks * g.O * 8
+        if self.path == "int8":                  # 1-byte inputs, 4-byte partial sums
+            per_row = g.K_in + g.n_col_blocks * g.O * 4
+        else:
+            per_row = g.K_in * 8 + g.n_col_blocks * g.O * 8
         return max(64, min(N, _CHUNK_BYTES // per_row))
 
 
@@ -321,16 +441,20 @@ class TiledGemm:
                 P = np.empty((J, n1 - n0, O), dtype=np.int64)
                 _psums_int(self.wq, xc, bnd, 0, grid.Og, P)
             elif G == 1:
-                P = torch.empty((J, n1 - n0, O), dtype=self._dtype)
+                P = torch.empty((J, n1 - n0, O), dtype=self._pdtype)
                 for j in range(J):
-                    torch.mm(xc[:, bnd[j]:bnd[j + 1]], self._wjt[j], out=P[j])
+                    self._mm(xc[:, bnd[j]:bnd[j + 1]], self._wjt[j], out=P[j])
                 P = P.numpy()
             else:
-                P = torch.empty((J, n1 - n0, G, grid.Og), dtype=self._dtype)
+                P = torch.empty((J, n1 - n0, G, grid.Og), dtype=self._pdtype)
                 xg = xc.reshape(n1 - n0, G, grid.K).transpose(0, 1)       # (G, nb, K) view
                 for j in range(J):
-                    pj = torch.bmm(xg[:, :, bnd[j]:bnd[j + 1]], self._wjg[j])   # (G, nb, Og)
-                    P[j].copy_(pj.transpose(0, 1))
+                    xj = xg[:, :, bnd[j]:bnd[j + 1]]
+                    if self.path == "int8":          # no batched int8 GEMM: group by group
+                        for gi in range(G):
+                            P[j, :, gi].copy_(_mm_int8(xj[gi], self._wjg[j][gi]))
+                    else:
+                        P[j].copy_(torch.bmm(xj, self._wjg[j]).transpose(0, 1))   # (G, nb, Og)
                 P = P.reshape(J, n1 - n0, O).numpy()
             yield n0, n1, P
 
@@ -360,9 +484,9 @@ class TiledGemm:
             xc = x[:, n0:n1]
             if not direct:                                 # convert (e.g. int8) into a float chunk
                 xc = xc.to(self._dtype, memory_format=torch.contiguous_format)
-            P = torch.empty((J, O, n1 - n0), dtype=self._dtype)
+            P = torch.empty((J, O, n1 - n0), dtype=self._pdtype)
             for j in range(J):
-                torch.mm(self._wj[j], xc[bnd[j]:bnd[j + 1]], out=P[j])
+                self._mm(self._wj[j], xc[bnd[j]:bnd[j + 1]], out=P[j])
             yield n0, n1, P.numpy()
 
     def conv_rows(self, xq4, geometry):
@@ -377,7 +501,9 @@ class TiledGemm:
                              f"K={self.grid.K_in}")
         ho, wo = conv_out_hw(x.shape[1], x.shape[2], *geometry)
         N = x.shape[0] * ho * wo
-        dt = np.float64 if self.path != "f32" else np.float32
+        dt = {"int8": np.int8, "f32": np.float32}.get(self.path, np.float64)
+        if self.path == "int8" and x.dtype != np.int8:
+            x = x.astype(np.int8)            # integers within int8 (int8_fits): exact
         buf = np.empty((self.chunk_size(N), self.grid.K_in), dtype=dt)
         flat = [v for pair in geometry for v in pair]
 

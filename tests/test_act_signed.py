@@ -17,7 +17,7 @@ from pimsim.calibrate import calibrate
 from pimsim.config import ConfigError, load, validate
 from pimsim.cost import CostParams, layer_cost, probe_unsigned
 from pimsim.crossbar import Crossbar, CrossbarGemm, LayerSpec, attach, map_layer
-from pimsim.kernels import TiledGemm, combine_nk, plan_path, tiled_matmul_reference
+from pimsim.kernels import TiledGemm, combine_nk, plan_path, tiled_matmul_reference, use_int8
 from pimsim.network import LayerQuant, build_network
 from pimsim.quant import Granularity, TileGrid, act_max_scale, act_qrange, act_unsigned
 
@@ -148,9 +148,13 @@ def test_calibrate_rejects_bad_act_signed():
 # ---------------------------------------------------------------- kernel exactness
 def test_plan_path_uses_the_unsigned_range():
     # 8-bit weights and inputs: signed terms <= 2^7 * 2^7, unsigned <= 2^7 * 2^8
-    assert plan_path(1024, 8, 8) == "f32"            # 1024 * 2^14 = 2^24
-    assert plan_path(1024, 8, 8, a_unsigned=True) == "f64"
-    assert plan_path(512, 8, 8, a_unsigned=True) == "f32"
+    assert plan_path(1024, 8, 8, int8=False) == "f32"            # 1024 * 2^14 = 2^24
+    assert plan_path(1024, 8, 8, a_unsigned=True, int8=False) == "f64"
+    assert plan_path(512, 8, 8, a_unsigned=True, int8=False) == "f32"
+    # int8 tier: unsigned 8-bit inputs (up to 255) do not fit int8, 7-bit ones do
+    assert plan_path(1024, 8, 8, int8=True) == "int8"
+    assert plan_path(1024, 8, 8, a_unsigned=True, int8=True) == "f64"
+    assert plan_path(1024, 8, 7, a_unsigned=True, int8=True) == "int8"
     grid = TileGrid(2, 1024, 2, 1024)
     with pytest.raises(ValueError, match="not exact.*a_bits=8 unsigned"):
         TiledGemm(np.ones((2, 1024), np.int8), grid, np.ones(grid.shape), w_bits=8, a_bits=8,
@@ -165,7 +169,7 @@ def test_unsigned_kernel_equals_int64_reference_where_float32_would_round():
     wq = rng.choice([127, 125], size=(O, K)).astype(np.int8)
     x = rng.choice([255, 253], size=(K, N)).astype(np.float32)
     grid = TileGrid(O, K, O, K)
-    assert TiledGemm(wq, grid, np.ones(grid.shape), w_bits=8, a_bits=8).path == "f32"
+    assert TiledGemm(wq, grid, np.ones(grid.shape), w_bits=8, a_bits=8, path="f32").path == "f32"
     op = TiledGemm(wq, grid, np.ones(grid.shape), w_bits=8, a_bits=8, a_unsigned=True)
     assert op.path == "f64"
     exact = wq.astype(np.int64) @ x.astype(np.int64)

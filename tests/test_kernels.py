@@ -21,6 +21,14 @@ from pimsim.kernels import (
 )
 from pimsim.quant import Granularity, TileGrid, max_scales, quantize, quantize_weight
 
+@pytest.fixture(autouse=True)
+def _float_tiers():
+    """This module tests the float / int64 tiers and their boundaries; the int8 tier
+    (chosen first where it applies and is available) is tested in test_kernels_int8.py."""
+    with kernels.use_int8(False):
+        yield
+
+
 PROP = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                      HealthCheck.data_too_large])
 
