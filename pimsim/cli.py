@@ -232,6 +232,19 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _config_args(p) -> None:
+    """The CONFIG argument and the --set overrides of a subcommand that reads a config."""
+    p.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by dotted path, value read as YAML "
+                        "(e.g. --set quant.tile='[16, 36]'); repeatable")
+
+
+def _data_dir_arg(p) -> None:
+    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ or "
+                   "cifar-100-python/ (overrides data.dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pimsim",
@@ -243,15 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Calibrate the configured network on the calibration images, "
                                    "then evaluate float and quantized top-1 on the test images "
                                    "of data.dataset (CIFAR-10 by default).")
-    r.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key by dotted path, value read as YAML "
-                        "(e.g. --set quant.tile='[16, 36]'); repeatable")
+    _config_args(r)
     r.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="evaluate only the first N test images")
     r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
-    r.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ or "
-                        "cifar-100-python/ (overrides data.dir)")
+    _data_dir_arg(r)
     r.add_argument("--backend", choices=("kernel", "fake", "crossbar"), default=None,
                    help="override eval.backend")
     r.add_argument("--load", default=None, metavar="DIR",
@@ -270,14 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(integer weights, tile scales, activation scales, channel "
                                     "orders, ADC ranges), DIR/manifest.json, DIR/tiles.csv and "
                                     "DIR/model.onnx (opset-21 QDQ, needs the onnx extra).")
-    ex.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
-    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key by dotted path, value read as YAML; repeatable")
+    _config_args(ex)
     ex.add_argument("--out", required=True, metavar="DIR", help="export folder (made if needed)")
     ex.add_argument("--load", default=None, metavar="DIR",
                     help="reload this export folder's calibration instead of calibrating")
-    ex.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ or "
-                         "cifar-100-python/ (overrides data.dir)")
+    _data_dir_arg(ex)
     ex.add_argument("--no-onnx", action="store_true", help="do not write model.onnx")
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     ex.set_defaults(fn=_cmd_export)
@@ -287,9 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "crossbar (no data needed): scale memory, rescale multiplies "
                                     "and partial-sum additions, arrays, ADC conversions, energy "
                                     "and latency per inference from the cost: constants.")
-    co.add_argument("config", help="YAML config (e.g. hwconfigs/default.yaml)")
-    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key by dotted path, value read as YAML; repeatable")
+    _config_args(co)
     co.add_argument("--out", default=None, metavar="FILE.json", help="write the cost as JSON")
     co.set_defaults(fn=_cmd_cost)
 
@@ -313,8 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local worker processes (default: all cores)")
     sw.add_argument("--out", default=None, metavar="FILE.csv",
                     help="results CSV (default: the sweep's out: key, else SWEEP.csv)")
-    sw.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ or "
-                        "cifar-100-python/ (overrides data.dir)")
+    _data_dir_arg(sw)
     sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(fn=_cmd_sweep)
 
