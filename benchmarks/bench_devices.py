@@ -174,40 +174,42 @@ def cell(p) -> str:
     return f"{100 * p['mean']:.2f}{spread}"
 
 
+# the parts swept per array size: part -> (CSV key, values, title, row label, label format)
+SIZE_TABLES = {
+    "a": ("programming_noise", PROG_NOISE, "(a) top-1 (%) vs programming noise (sigma, fraction "
+          "of g_max): mean ± sd [min, max] over chips", "sigma", lambda v: f"{v}"),
+    "c": ("wire_r", WIRE_R, "(c) top-1 (%) vs wire resistance (one segment, fraction of "
+          "1/g_max; ideal cells, one chip)", "wire_r", lambda v: f"{v:g}"),
+    "d": ("stuck", STUCK, "(d) top-1 (%) vs stuck cells (half at g_min, half at g_max)",
+          "stuck", lambda v: f"{100 * v:g} %"),
+}
+
+
 def tables(summ: dict) -> list[str]:
     md = []
     get = lambda *k: summ.get(point_name(*k))              # noqa: E731
-    sizes = sorted({p["size"] for p in summ.values() if p["part"] in "acd"})
-    if any(p["part"] == "a" for p in summ.values()):
-        md += ["", "(a) top-1 (%) vs programming noise (sigma, fraction of g_max): mean ± sd "
-               "[min, max] over chips", "",
-               "| sigma | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
-               "|---|" + "---:|" * len(sizes)]
-        for v in PROG_NOISE:
-            md.append(f"| {v} | " + " | ".join(cell(get("a", s, "programming_noise", str(v),
-                                                        "none")) for s in sizes) + " |")
-    if any(p["part"] == "b" for p in summ.values()):
+    parts = {p["part"] for p in summ.values()}
+    sizes = sorted({p["size"] for p in summ.values() if p["part"] in SIZE_TABLES})
+
+    def size_table(part):
+        key, values, title, label, fmt = SIZE_TABLES[part]
+        rows = ["", title, "", f"| {label} | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
+                "|---|" + "---:|" * len(sizes)]
+        return rows + [f"| {fmt(v)} | " + " | ".join(cell(get(part, s, key, str(v), "none"))
+                                                    for s in sizes) + " |" for v in values]
+
+    if "a" in parts:
+        md += size_table("a")
+    if "b" in parts:
         md += ["", "(b) PCM model (128x128): top-1 (%) vs time since programming and drift "
                "compensation", "", "| t_inference | " + " | ".join(COMPENSATION) + " |",
                "|---|" + "---:|" * len(COMPENSATION)]
         for name in TIMES:
             md.append(f"| {name} | " + " | ".join(cell(get("b", 128, "t_inference", name, c))
                                                   for c in COMPENSATION) + " |")
-    if any(p["part"] == "c" for p in summ.values()):
-        md += ["", "(c) top-1 (%) vs wire resistance (one segment, fraction of 1/g_max; ideal "
-               "cells, one chip)", "",
-               "| wire_r | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
-               "|---|" + "---:|" * len(sizes)]
-        for v in WIRE_R:
-            md.append(f"| {v:g} | " + " | ".join(cell(get("c", s, "wire_r", str(v), "none"))
-                                                 for s in sizes) + " |")
-    if any(p["part"] == "d" for p in summ.values()):
-        md += ["", "(d) top-1 (%) vs stuck cells (half at g_min, half at g_max)", "",
-               "| stuck | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
-               "|---|" + "---:|" * len(sizes)]
-        for v in STUCK:
-            md.append(f"| {100 * v:g} % | " + " | ".join(cell(get("d", s, "stuck", str(v),
-                                                               "none")) for s in sizes) + " |")
+    for part in ("c", "d"):
+        if part in parts:
+            md += size_table(part)
     return md
 
 
