@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     points = [pt for part in args.parts if part in PARTS for pt in PARTS[part](args.sizes)]
     for part, size, key, value, device, comp in points:
         # ideal cells (wires aside) draw nothing at random: every chip is the same
-        ideal = Device(**device).physics(2).cells_ideal
+        ideal = Device(**device).cells_ideal
         chips = [0] if ideal else list(range(args.instances))
         name = point_name(part, size, key, value, comp)
         todo = [c for c in chips if f"{name}/chip={c}" not in res]

@@ -375,9 +375,9 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int, out_dir=Non
 def chip_seeds(cfg: Config) -> list:
     """The chip seeds a run evaluates: ``crossbar.device.seed .. seed + instances - 1`` when the
     layers run on the analog array model (backend crossbar, ``Crossbar.analog``), else
-    ``[None]`` (one evaluation: ideal cells make every chip the same)."""
+    ``[None]`` (one evaluation: ideal cells make every chip the same, wire resistance or not)."""
     xb = cfg.crossbar
-    if xb is None or cfg["eval.backend"] != "crossbar" or xb.dev.ideal:
+    if xb is None or cfg["eval.backend"] != "crossbar" or xb.dev.cells_ideal:
         return [None]
     return list(range(xb.dev.seed, xb.dev.seed + xb.dev.instances))
 

@@ -529,3 +529,18 @@ def test_wire_resistance_lowers_the_column_sums_more_for_larger_arrays_and_wires
     assert all(d > 0 for d in drop.values()), drop
     assert drop[16, 1e-4] < drop[16, 1e-3] and drop[64, 1e-4] < drop[64, 1e-3], drop
     assert drop[16, 1e-4] < drop[64, 1e-4] and drop[16, 1e-3] < drop[64, 1e-3], drop
+
+
+def test_wire_resistance_alone_is_one_chip():
+    """Ideal cells with wire resistance: the analog model runs (the wires bend the sums), but
+    nothing is drawn at random, so a run evaluates one chip whatever `instances` says; noisy
+    cells give one chip per seed."""
+    from pimsim.simulate import chip_seeds
+    cfg = validate({"eval": {"backend": "crossbar"},
+                    "crossbar": {"device": {"wire_r": 1e-5, "instances": 3, "seed": 4}}})
+    assert cfg.crossbar.analog and not cfg.crossbar.dev.ideal and cfg.crossbar.dev.cells_ideal
+    assert chip_seeds(cfg) == [None]
+    cfg = validate({"eval": {"backend": "crossbar"},
+                    "crossbar": {"device": {"wire_r": 1e-5, "read_noise": 0.01,
+                                            "instances": 3, "seed": 4}}})
+    assert chip_seeds(cfg) == [4, 5, 6]

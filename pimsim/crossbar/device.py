@@ -169,8 +169,14 @@ class Device:
 
     @property
     def ideal(self) -> bool:
-        """True when every cell stores its level exactly and every read is perfect."""
+        """True when every cell stores its level exactly, every read is perfect and the wires
+        have no resistance."""
         return DevicePhysics(self, 1).ideal
+
+    @property
+    def cells_ideal(self) -> bool:
+        """True when nothing about the cells is random (wires aside): every chip is the same."""
+        return DevicePhysics(self, 1).cells_ideal
 
 
 DEVICE_KEYS = tuple(f.name for f in fields(Device))
