@@ -194,12 +194,27 @@ def run(cfg: Config, limit: int | None = None, data_dir=None, progress: bool = T
     of reordering and calibrating (``"loaded"`` names the folder). ``out_dir``: the run's
     calibration is also written there (``write_export``: tiles, manifest, CSV, ONNX model).
     """
-    if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
-        raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
+    check_backend(cfg)
     if out_dir is not None:
         check_out_dir(out_dir)
     with scoped_threads(cfg["eval.threads"]) as threads:
         return _run(cfg, limit, data_dir, progress, threads, out_dir)
+
+
+def check_backend(cfg: Config) -> None:
+    """ConfigError unless the configured backend has what it needs (crossbar: a crossbar:
+    section)."""
+    if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
+        raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
+
+
+def checked_mapping(cfg: Config, net: Network):
+    """The cost model's mapping of ``net`` (``config_mapping``), built before any long work:
+    a tile that does not fit the crossbar is a ConfigError naming the file."""
+    try:
+        return config_mapping(cfg, net)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
 
 
 def check_out_dir(out_dir) -> Path:
@@ -268,16 +283,12 @@ def export(cfg: Config, out_dir, data_dir=None, progress: bool = True, onnx: boo
     """The job of ``pimsim export``: prepare, reorder and calibrate (or load ``quant.load``), put
     the layers on the ``crossbar:`` arrays if any (fitting calibrated ADC ranges), and write
     the export (``write_export``); no test image is evaluated."""
-    if cfg["eval.backend"] == "crossbar" and cfg.crossbar is None:
-        raise ConfigError(f"{cfg.source}: eval.backend: crossbar: needs a crossbar: section")
+    check_backend(cfg)
     check_out_dir(out_dir)
     with scoped_threads(cfg["eval.threads"]):
         prep = prepare(cfg, data_dir)
         dataset_of(prep).check_calibration(cfg["quant.calib_images"])
-        try:
-            config_mapping(cfg, prep.net)
-        except ValueError as e:
-            raise ConfigError(f"{cfg.source}: {e}") from None
+        checked_mapping(cfg, prep.net)
         info, reorder, loaded = calibrate_or_load(prep, progress)
         mapping = setup_crossbar(prep, loaded) if cfg.crossbar is not None else None
         res = write_export(prep, out_dir, mapping, reorder, loaded, onnx=onnx)
@@ -294,10 +305,7 @@ def _run(cfg: Config, limit, data_dir, progress: bool, threads: int, out_dir=Non
     limit = limit or cfg["eval.limit"]
     test_size = ds.test_size
     ds.check_calibration(cfg["quant.calib_images"])                     # fail early
-    try:
-        shape_mapping = config_mapping(cfg, prep.net)  # the cost model's mapping: fail early
-    except ValueError as e:                        # a tile that does not fit the crossbar
-        raise ConfigError(f"{cfg.source}: {e}") from None
+    shape_mapping = checked_mapping(cfg, prep.net)  # the cost model's mapping: fail early
     notes = list(cfg.notes)
     if limit is not None and limit > test_size:
         notes.append(f"limit {limit} is above the {test_size} images of "
