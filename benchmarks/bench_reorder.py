@@ -2,13 +2,15 @@
 channel reordering (the paper's headline claim).
 
     python benchmarks/bench_reorder.py --model resnet20 [--wbits 4 3] [--abits 8]
-        [--grans channelwise m2r2 m2r4 m2r8 m1] [--orders none evolution random-best]
+        [--grans channelwise m2r2 m2r4 m2r8 m1] [--orders none evolution cluster random-best]
         [--seeds 0 1 2] [--limit N] [--threads T] [--out DIR]
 
 Granularities: channelwise; Method 2 with m = r for r in 2, 4, 8 (``m2r<r>``: as many scales as
 channelwise); Method 1 16 x 36 (``m1``). Orders: ``none`` (identity), ``evolution`` (the
 evolutionary search of ``pimsim.reorder.evolve`` with the YAML defaults: population 20,
-30 generations, 2 swaps, seed 0) and, for m2r4 only, ``random-best``: the joint order of the
+30 generations, 2 swaps, seed 0), ``cluster`` (``pimsim.reorder.cluster`` with the YAML
+defaults: 4 restarts, gram score, seed 0; its search time goes to reorder.json as
+``"<model>_cluster_search_s"`` for the default point) and, for m2r4 only, ``random-best``: the joint order of the
 random-order study (bench_random_orders.py, same model and bits, full test set unless --limit)
 with the best top-1 — picked on the test set, as the paper's "best of the random orders" is.
 Channelwise has one row per scale, so the order cannot matter: it is run with ``none`` only.
@@ -38,14 +40,14 @@ from harness import Bench, common_args, log, mean_sd, pm
 from pimsim.calibrate import calibrate
 from pimsim.config import defaults
 from pimsim.quant import Granularity
-from pimsim.reorder import Reorderer, evolve
+from pimsim.reorder import Reorderer, cluster, evolve
 from pimsim.simulate import calibration_params, evaluate
 from pimsim.sweep import read_results
 
 GRANS = {"channelwise": Granularity.channelwise(), "m2r2": Granularity.split(2, 2),
          "m2r4": Granularity.split(4, 4), "m2r8": Granularity.split(8, 8),
          "m1": Granularity.tile(16, 36)}
-ORDERS = ("none", "evolution", "random-best")
+ORDERS = ("none", "evolution", "cluster", "random-best")
 FIELDS = ["model", "wbits", "abits", "granularity", "order", "seed", "scales", "top1", "gain",
           "calibration_s", "search_s", "images", "detail"]
 LABELS = {"channelwise": "channelwise", "m2r2": "Method 2, r = m = 2",
@@ -116,29 +118,41 @@ def markdown(rows: list[dict], model: str, rdef: dict) -> list[str]:
           f"search seed {rdef['seed']}. Gain: mean ± sd of the per-seed gains (n = seeds).", ""]
     head, sep = "| granularity | scales |", "|---|---:|"
     for wb in wbits_list:
-        head += f" W{wb} none | W{wb} evolution | W{wb} gain (n) | W{wb} random-best |"
-        sep += "---:|---:|---:|---:|"
+        head += (f" W{wb} none | W{wb} evolution | W{wb} gain (n) | W{wb} cluster | "
+                 f"W{wb} gain (n) | W{wb} random-best |")
+        sep += "---:|---:|---:|---:|---:|---:|"
     md += [head, sep]
     for g in GRANS:
         if g not in scales:
             continue
         line = f"| {LABELS[g]} | {scales[g]} |"
         for wb in wbits_list:
-            gs = gains(wb, g)
-            gain = "-"
-            if gs:
+            def gain(other):
+                gs = gains(wb, g, other)
+                if not gs:
+                    return "-"
                 m, sd = mean_sd([100 * v for v in gs])
-                gain = (f"{m:+.2f} ± {sd:.2f}" if len(gs) > 1 else f"{m:+.2f}") + f" ({len(gs)})"
-            line += f" {cell(wb, g, 'none')} | {cell(wb, g, 'evolution')} | {gain} | {cell(wb, g, 'random-best')} |"
+                return (f"{m:+.2f} ± {sd:.2f}" if len(gs) > 1 else f"{m:+.2f}") + f" ({len(gs)})"
+            line += (f" {cell(wb, g, 'none')} | {cell(wb, g, 'evolution')} | {gain('evolution')}"
+                     f" | {cell(wb, g, 'cluster')} | {gain('cluster')}"
+                     f" | {cell(wb, g, 'random-best')} |")
         md.append(line)
     md.append("")
     for wb in wbits_list:
         cw = acc.get((wb, "channelwise", "none"), {})
         for g in ("m2r2", "m2r4", "m2r8", "m1"):
-            gs = gains(wb, g)
-            if gs:
-                md.append(f"W{wb}A8 {g}: evolution minus identity order {pm(gs, signed=True)} "
-                          f"points over {len(gs)} seed(s): {verdict(gs)}.")
+            for other in ("evolution", "cluster"):
+                gs = gains(wb, g, other)
+                if gs:
+                    md.append(f"W{wb}A8 {g}: {other} minus identity order "
+                              f"{pm(gs, signed=True)} points over {len(gs)} seed(s): "
+                              f"{verdict(gs)}.")
+            ev, cl = acc.get((wb, g, "evolution"), {}), acc.get((wb, g, "cluster"), {})
+            both = sorted(set(ev) & set(cl))
+            if both:
+                d = [cl[s] - ev[s] for s in both]
+                md.append(f"W{wb}A8 {g}: cluster minus evolution {pm(d, signed=True)} points "
+                          f"over {len(both)} seed(s): {verdict(d)}.")
             evo = acc.get((wb, g, "evolution"), {})
             both = sorted(set(evo) & set(cw))
             if g != "m1" and both:
@@ -192,7 +206,26 @@ def main(argv=None) -> int:
         ro.reset()
         detail, search_s = "", ""
         t0 = time.perf_counter()
-        if o == "evolution":
+        if o == "cluster":
+            r = cluster(net, calib, gran, wb, args.abits, method="ptqsl",
+                        params=calibration_params(cfg), restarts=rdef["restarts"],
+                        score=rdef["score"], seed=rdef["seed"], progress=False, reorderer=ro)
+            search_s = f"{r['search_s']:.1f}"
+            gains = [s["score"] - s["identity_score"] for s in r["segments"] if "score" in s]
+            detail = f"score gain per segment (sum of layer errors): {sum(gains):.3g}"
+            saved_orders[f"W{wb}A{args.abits}-{g}-cluster" + (f"-seed{seed}" if seed else "")] = \
+                r["orders"]
+            bench.write_json(orders_path.name, saved_orders)
+            saved_orders.pop("provenance", None)
+            if wb == 4 and args.abits == 8 and g == "m2r4" and seed == 0:
+                bench.write_json("reorder.json", {
+                    f"{args.model}_cluster_search_s": round(r["search_s"], 1),
+                    f"{args.model}_cluster_search_conditions": (
+                        f"W4A8 Method 2 r=m=4, cluster, {rdef['restarts']} restarts, "
+                        f"{rdef['score']} score, 128 calibration images, {bench.threads} "
+                        f"torch/Numba thread(s), {os.cpu_count()} cores, load average at the "
+                        f"end {os.getloadavg()[0]:.2f}")}, merge=True)
+        elif o == "evolution":
             r = evolve(net, calib, gran, wb, args.abits, method="ptqsl",
                        params=calibration_params(cfg),
                        population=rdef["population"], generations=rdef["generations"],

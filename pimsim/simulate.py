@@ -138,9 +138,12 @@ def quantize_network(prep: Prepared, progress: bool = True,
 def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
     """Channel reordering as ``reorder.method`` says, on the float network before calibration:
     ``random`` applies one seeded random joint order to every free permutation group;
-    ``evolution`` runs the evolutionary search (``pimsim.reorder.evolve``), which calibrates
-    segment by segment. Returns the ``"reorder"`` entry of the result (None for ``none``)."""
-    from .reorder import Reorderer, evolve, find_groups
+    ``evolution`` runs the evolutionary search (``pimsim.reorder.evolve``) and ``cluster`` the
+    weight-clustering orders (``pimsim.reorder.cluster``); both calibrate segment by segment and
+    leave the network calibrated at the final orders exactly as ``quantize_network`` would
+    (their record's ``"calibrated"``), so it is not calibrated again. Returns the ``"reorder"``
+    entry of the result (None for ``none``)."""
+    from .reorder import Reorderer, cluster, evolve, find_groups
     cfg = prep.cfg
     method = cfg["reorder.method"]
     if method == "none":
@@ -152,13 +155,19 @@ def reorder_network(prep: Prepared, progress: bool = True) -> dict | None:
         ro.set_orders(ro.random_orders(np.random.default_rng(cfg["reorder.seed"])))
         info = {"method": "random", "orders": ro.orders_json(), "seed": cfg["reorder.seed"]}
     else:
-        info = evolve(prep.net, calibration_batch(prep), cfg.granularity, cfg["quant.weight_bits"],
-                      cfg["quant.act_bits"], method=cfg["quant.calibration"],
-                      params=calibration_params(cfg),
-                      float_layers=cfg["quant.float_layers"], population=cfg["reorder.population"],
-                      generations=cfg["reorder.generations"], swaps=cfg["reorder.swaps"],
-                      seed=cfg["reorder.seed"], progress=progress, reorderer=ro,
-                      symmetric=symmetric_range(cfg))
+        common = dict(method=cfg["quant.calibration"], params=calibration_params(cfg),
+                      float_layers=cfg["quant.float_layers"], seed=cfg["reorder.seed"],
+                      progress=progress, reorderer=ro, symmetric=symmetric_range(cfg),
+                      act_signed=cfg["quant.act_signed"])
+        args = (prep.net, calibration_batch(prep), cfg.granularity, cfg["quant.weight_bits"],
+                cfg["quant.act_bits"])
+        if method == "evolution":
+            info = evolve(*args, population=cfg["reorder.population"],
+                          generations=cfg["reorder.generations"], swaps=cfg["reorder.swaps"],
+                          **common)
+        else:
+            info = cluster(*args, restarts=cfg["reorder.restarts"], score=cfg["reorder.score"],
+                           **common)
     info["frozen_groups"] = {g.name: g.frozen for g in ro.groups if not g.free}
     info["search_s"] = time.perf_counter() - t0
     return info
@@ -239,7 +248,13 @@ def calibrate_or_load(prep: Prepared, progress: bool = True):
     cfg = prep.cfg
     d = resolve_load(cfg)
     if d is None:
+        t0 = time.perf_counter()
         reorder = reorder_network(prep, progress)  # joint orders: weights permuted, no gather
+        if reorder is not None and "calibrated" in reorder:     # the search's calibration
+            keep = reorder["calibrated"]["float_layers"]
+            return ({"calibration_s": time.perf_counter() - t0,
+                     "float_layers": [l.name for l in prep.net.layers if l.name in keep]},
+                    reorder, None)
         return quantize_network(prep, progress), reorder, None
     from .export import load_tiles
     t0 = time.perf_counter()

@@ -8,8 +8,11 @@ it is scored, and the evolutionary search of the paper. The flow, one module eac
              ``check_order`` / ``column_index``;
 ``score``    scoring an order without the samples: Gram statistics permuted by the order and
              Algorithm 1 on them (``LayerScorer``, ``SegmentScorer``, ``ptqsl_weight_error``);
-``search``   the evolutionary search per segment (``evolve``), interleaved with a segment-wise
-             calibration pass (``calibrate_layers``).
+``cluster``  orders from the weights' tile magnitudes, a swap descent on a max-scale proxy
+             (``cluster_segment``);
+``search``   the per-segment search loop (``search_segments``) with the evolutionary search
+             (``evolve``) or ``cluster``, interleaved with a segment-wise calibration pass
+             (``calibrate_layers``).
 
 Each module's docstring holds its part of the method. Everything public is re-exported here:
 ``from pimsim.reorder import Reorderer, evolve``.
@@ -19,8 +22,9 @@ from .groups import PermGroup, Segment, describe_groups, find_groups, find_segme
 from .permute import (ChannelGather, Reorderer, check_order, column_index, independent_network,
                       random_independent_orders)
 from .score import LayerScorer, SegmentScorer, gram_error, permute_stats, ptqsl_weight_error
+from .cluster import ChannelBlocks, ProxyScorer, cluster_segment, layer_blocks
 from .search import (DEFAULTS, METHODS, ReorderParams, calibrate_layers, check_search_params,
-                     evolve, evolve_segment)
+                     cluster, evolve, evolve_segment, search_segments)
 
 __all__ = [
     "PermGroup", "Segment", "describe_groups", "find_groups", "find_segments",
@@ -28,5 +32,6 @@ __all__ = [
     "random_independent_orders",
     "LayerScorer", "SegmentScorer", "gram_error", "permute_stats", "ptqsl_weight_error",
     "DEFAULTS", "METHODS", "ReorderParams", "calibrate_layers", "check_search_params", "evolve",
-    "evolve_segment",
+    "evolve_segment", "cluster", "search_segments",
+    "ChannelBlocks", "ProxyScorer", "cluster_segment", "layer_blocks",
 ]

@@ -1,11 +1,19 @@
-"""The evolutionary search of the paper over the segments' channel orders, and the segment-wise
-calibration pass it interleaves with.
+"""The searches over the segments' channel orders -- the paper's evolutionary search and the
+weight-clustering orders of ``pimsim.reorder.cluster`` -- and the segment-wise calibration pass
+both interleave with (``search_segments``).
 
 **Evolutionary search** (``evolve``), per segment in network order: population
 ``population`` (the identity order plus random orders), ``generations`` times {score new orders;
 keep the top 50%; breed each replacement from a random survivor by ``swaps`` random
 transpositions; replace the worst}; the best order is applied, the segment calibrated for real,
 and the search moves on. Seeded with ``numpy.random.default_rng(seed)``: same seed, same orders.
+
+**Cluster** (``cluster``): per segment, the same loop, with the orders chosen from the weights'
+tile magnitudes (``pimsim.reorder.cluster``) and checked by the same real score.
+
+Both leave every quantized layer calibrated at the final orders exactly as
+``pimsim.calibrate.calibrate`` would calibrate it (each layer was last calibrated after every
+order upstream of it was final), so ``pimsim run`` does not calibrate again (tested).
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ from ..methods import get_method
 from ..network import Network
 from ..quant import Granularity
 from ..schema import defaults_of, int_in, one_of, setting
+from .cluster import cluster_segment
 from .groups import find_segments
 from .permute import Reorderer
 from .score import LayerScorer, SegmentScorer
 
-METHODS = ("none", "random", "evolution")
+METHODS = ("none", "random", "evolution", "cluster")
+SCORES = ("gram", "output")
 
 
 @dataclass(frozen=True)
@@ -35,16 +45,23 @@ class ReorderParams:
     defaults, checks and docs from these fields) and the defaults of ``evolve``."""
 
     method: str = setting("none", "channel reordering: none, random (one seeded random joint "
-                          "order) or evolution (evolutionary search per segment)",
-                          one_of(METHODS))
+                          "order), evolution (the paper's evolutionary search per segment) or "
+                          "cluster (orders that group channels of matching tile magnitude, "
+                          "pimsim.reorder.cluster)", one_of(METHODS))
     population: int = setting(20, "orders per generation of the search", int_in(2, 10000))
     generations: int = setting(30, "generations per segment", int_in(0, 100000))
     swaps: int = setting(2, "random channel transpositions per mutation", int_in(1, 10000))
     seed: int = setting(0, "seed of the random orders and of the search", int_in(0))
+    restarts: int = setting(4, "cluster: random starting orders of the descent, besides the "
+                            "current order", int_in(0, 1000))
+    score: str = setting("gram", "cluster: how candidate orders are compared: gram (the "
+                         "search's Gram score) or output (the error after the segment, "
+                         "calibrated for real)", one_of(SCORES))
 
 
 # the keyword defaults of ``evolve``
-DEFAULTS = {k: v for k, v in defaults_of(ReorderParams).items() if k != "method"}
+DEFAULTS = {k: v for k, v in defaults_of(ReorderParams).items()
+            if k not in ("method", "restarts", "score")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,7 +70,8 @@ DEFAULTS = {k: v for k, v in defaults_of(ReorderParams).items() if k != "method"
 
 def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran: Granularity,
                      w_bits: int, a_bits: int, method: str = "ptqsl", params: dict | None = None,
-                     record=(), stop_after: str | None = None, on_record=None) -> dict:
+                     record=(), stop_after: str | None = None, on_record=None,
+                     act_signed: str = "signed") -> dict:
     """Calibrate the named layers (in network order, each seeing the earlier quantized layers
     in fake mode) in one pass (``pimsim.calibrate.run_lockstep``) that stops after
     ``stop_after`` (default: the last named or recorded layer). Returns, for the layers in
@@ -75,7 +93,7 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
             else:                       # the pass's own values may change after this layer
                 kept[layer.name] = (x.clone(), None if t is None else t.clone())
         if layer.name in names:
-            quantize_layer(m.fn, layer, x, t, gran, w_bits, a_bits, params)
+            quantize_layer(m.fn, layer, x, t, gran, w_bits, a_bits, params, act_signed)
 
     run_lockstep(net, images, {n: visit for n in set(names) | record}, targets=need,
                  stop_after=stop_after)
@@ -147,15 +165,94 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
            population: int = DEFAULTS["population"], generations: int = DEFAULTS["generations"],
            swaps: int = DEFAULTS["swaps"], seed: int = DEFAULTS["seed"],
            progress: bool = True, reorderer: Reorderer | None = None,
-           symmetric: bool = False) -> dict:
+           symmetric: bool = False, act_signed: str = "signed") -> dict:
     """Evolutionary channel reordering per segment, in network order (module docstring).
-    ``symmetric``: calibrate and score in the symmetric integer range of crossbar arrays.
+    ``symmetric``: calibrate and score in the symmetric integer range of crossbar arrays;
+    ``act_signed``: ``quant.act_signed`` of the calibration (``pimsim.calibrate``).
 
     Leaves ``net`` with the chosen joint orders and every non-float layer calibrated by
-    ``method``. Returns ``{"method", "orders", "segments", "search_s", "scoring_s", ...}``
-    (``search_s``: the whole call, calibrations included).
+    ``method``, exactly as ``pimsim.calibrate.calibrate`` calibrates it at those orders (so a
+    caller need not calibrate again). Returns ``{"method", "orders", "segments", "search_s",
+    "scoring_s", ...}`` (``search_s``: the whole call, calibrations included).
     """
     check_search_params(population, generations, swaps, seed)
+
+    def choose(sc, sizes, base, rng, bar, measure):
+        return evolve_segment(sc, sizes, base, population, generations, swaps, rng, bar)
+
+    res = search_segments(net, images, gran, w_bits, a_bits, choose, generations, method,
+                          params, float_layers, seed, progress, reorderer, symmetric,
+                          act_signed, "evolution", "gen")
+    res.update(method="evolution", population=population, generations=generations,
+               swaps=swaps)
+    return res
+
+
+def cluster(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a_bits: int,
+            method: str = "ptqsl", params: dict | None = None, float_layers="auto",
+            restarts: int = 4, seed: int = DEFAULTS["seed"], progress: bool = True,
+            reorderer: Reorderer | None = None, symmetric: bool = False,
+            act_signed: str = "signed", score: str = "gram") -> dict:
+    """Channel orders from the weights' tile magnitudes (``pimsim.reorder.cluster``), per
+    segment in network order, each checked against the current order by the evolutionary
+    search's real score. Leaves ``net`` reordered and calibrated as ``evolve`` does; returns
+    the same kind of record (``"method": "cluster"``)."""
+    for v, what, lo in ((restarts, "restarts", 0), (seed, "seed", 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"reorder {what} must be an integer >= {lo}, got {v!r}")
+    if score not in SCORES:
+        raise ValueError(f"reorder score must be one of {', '.join(SCORES)}, got {score!r}")
+
+    def choose(sc, sizes, base, rng, bar, measure):
+        out = cluster_segment(sc, sizes, base, rng, restarts=restarts,
+                              measure=measure if score == "output" else None)
+        bar.update(1)
+        return out
+
+    res = search_segments(net, images, gran, w_bits, a_bits, choose, 1, method, params,
+                          float_layers, seed, progress, reorderer, symmetric, act_signed,
+                          "cluster", "segment")
+    res.update(method="cluster", restarts=restarts, score=score)
+    return res
+
+
+def output_error(net, images, ro, orders, base, todo, pos, end, nxt, sc, gran, w_bits, a_bits,
+                 method, calib_params, act_signed) -> float:
+    """The error after a segment at ``orders``: the layers the orders touch are calibrated for
+    real (upstream layers keep their calibration), and the next GEMM layer ``nxt``'s float
+    output on the quantized network's input is compared with its float network output
+    (Euclidean, over the calibration batch). Without a next layer: ``-sc.score(orders)``.
+    The orders are put back to ``base`` afterwards (the touched layers are left uncalibrated,
+    to be calibrated again by whoever needs them)."""
+    if nxt is None:
+        return -sc.score(orders)
+    ro.set_orders(orders)
+    names = [n for n in todo if pos[n] <= end and net.layer(n).quant is None]
+    try:
+
+        def err(layer, x, t):
+            with torch.no_grad():
+                return float(torch.linalg.vector_norm((layer.float_forward(x) - t).double()))
+        got = calibrate_layers(net, images, names, gran, w_bits, a_bits, method, calib_params,
+                               record=[nxt], stop_after=nxt, on_record=err,
+                               act_signed=act_signed)
+    finally:
+        ro.set_orders(base)
+        for n in todo:                  # calibrated at ``orders``: not valid at ``base``
+            if n in names:
+                net.layer(n).clear_quant()
+    return got[nxt]
+
+
+def search_segments(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int,
+                    a_bits: int, choose, steps: int, method: str, params, float_layers, seed: int,
+                    progress: bool, reorderer: Reorderer | None, symmetric: bool,
+                    act_signed: str, name: str, unit: str) -> dict:
+    """The per-segment loop both searches share: calibrate what a segment's inputs depend on,
+    form its layers' scorers when the pass reaches them, let ``choose(scorer, sizes, base,
+    rng, bar, measure)`` pick the segment's orders (``bar`` advanced ``steps`` times per
+    segment; ``measure(orders)``: the segment's output error at those orders, ``output_error``),
+    apply them, and clear the calibration of every layer the change reaches."""
     t_start = time.perf_counter()
     ro = reorderer or Reorderer(net)
     segs = find_segments(net, ro.groups)
@@ -168,8 +265,8 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
     calib_params = method_params(params, symmetric)
     search_params = {k: v for k, v in calib_params.items() if k != "metric"}
     seg_info = []
-    bar = tqdm(total=generations * len(segs), desc="reorder (evolution)", disable=not progress,
-               leave=False, unit="gen")
+    bar = tqdm(total=steps * len(segs), desc=f"reorder ({name})", disable=not progress,
+               leave=False, unit=unit)
     t_search = 0.0
     try:
         for seg in segs:
@@ -177,7 +274,7 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
             info = {"segment": seg.index, "groups": seg.groups, "layers": seg.layers}
             if not qlayers:
                 seg_info.append({**info, "skipped": "all its layers stay in float"})
-                bar.update(generations)
+                bar.update(steps)
                 continue
             # calibrate (at the current orders) whatever the segment's inputs depend on
             end = max(pos[n] for n in seg.layers)
@@ -192,13 +289,19 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
                 build_s[0] += time.perf_counter() - t1
                 return sc_
             by_name = calibrate_layers(net, images, upto, gran, w_bits, a_bits, method,
-                                       calib_params, record=qlayers, on_record=scorer)
+                                       calib_params, record=qlayers, on_record=scorer,
+                                       act_signed=act_signed)
             t0 = time.perf_counter() - build_s[0]
             scorers = [by_name[n] for n in qlayers]
             sc = SegmentScorer(scorers, ro)
             sizes = {g: ro.free[g].size for g in seg.groups}
             base = {g: ro.orders[g].copy() for g in seg.groups}
-            res = evolve_segment(sc, sizes, base, population, generations, swaps, rng, bar)
+            nxt = next((l.name for l in net.layers if pos[l.name] > end), None)
+
+            def measure(orders, base=base, nxt=nxt, end=end):
+                return output_error(net, images, ro, orders, base, todo, pos, end, nxt, sc,
+                                    gran, w_bits, a_bits, method, calib_params, act_signed)
+            res = choose(sc, sizes, base, rng, bar, measure)
             t_search += time.perf_counter() - t0
             changed = [g for g in seg.groups if not np.array_equal(res["orders"][g], base[g])]
             ro.set_orders(res["orders"])
@@ -212,10 +315,13 @@ def evolve(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, a
                              "history": [float(h) for h in res["history"]]})
         rest = [n for n in todo if net.layer(n).quant is None]
         if rest:
-            calibrate_layers(net, images, rest, gran, w_bits, a_bits, method, calib_params)
+            calibrate_layers(net, images, rest, gran, w_bits, a_bits, method, calib_params,
+                             act_signed=act_signed)
     finally:
         bar.close()
     net.set_mode("fake")
-    return {"method": "evolution", "orders": ro.orders_json(), "segments": seg_info,
-            "search_s": time.perf_counter() - t_start, "scoring_s": t_search,
-            "population": population, "generations": generations, "swaps": swaps, "seed": seed}
+    return {"method": name, "orders": ro.orders_json(), "segments": seg_info,
+            "search_s": time.perf_counter() - t_start, "scoring_s": t_search, "seed": seed,
+            "calibrated": {"method": method, "w_bits": w_bits, "a_bits": a_bits,
+                           "symmetric": bool(symmetric), "act_signed": act_signed,
+                           "float_layers": sorted(keep)}}
