@@ -84,6 +84,9 @@ class SearchParams:
                         "samples)")
     metric: str = setting("euclidean", "euclidean | cosine: the objective of Eq. 6")
     act_search: str = setting("golden", "golden | grid (activation-scale search)")
+    alternate: int = setting(1, "rounds of {Algorithm 1, activation search}: 1 = the paper's "
+                             "pipeline; more: repeat both (Algorithm 1 from the current scales) "
+                             "until neither changes")
     symmetric: bool = setting(False, "integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)")
     act_unsigned: bool = setting(False, "activations in [0, 2^b - 1] (set per layer by "
                                  "pimsim.calibrate from quant.act_signed)")
@@ -126,9 +129,11 @@ def check_params(params: dict | None) -> dict:
         raise ValueError(f"beta must be >= alpha, got alpha={p['alpha']}, beta={p['beta']}")
     if not _whole(p["candidates"]) or not 1 <= p["candidates"] <= 100000:
         raise ValueError(f"candidates must be an integer in 1..100000, got {p['candidates']!r}")
-    if not _whole(p["rounds"]) or not 1 <= p["rounds"] <= 1000:
-        raise ValueError(f"rounds must be an integer in 1..1000, got {p['rounds']!r}")
-    p["candidates"], p["rounds"] = int(p["candidates"]), int(p["rounds"])
+    for k in ("rounds", "alternate"):
+        if not _whole(p[k]) or not 1 <= p[k] <= 1000:
+            raise ValueError(f"{k} must be an integer in 1..1000, got {p[k]!r}")
+    p["candidates"], p["rounds"], p["alternate"] = (int(p["candidates"]), int(p["rounds"]),
+                                                    int(p["alternate"]))
     for k in ("symmetric", "act_unsigned"):
         if not isinstance(p[k], (bool, np.bool_)):
             raise ValueError(f"{k} must be true or false, got {p[k]!r}")
@@ -536,12 +541,13 @@ def _pick(vals: np.ndarray, cur: np.ndarray, tol):
 
 def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, rounds: int,
                evaluator, metric: str, t2: float = 1.0,
-               symmetric: bool = False) -> tuple[np.ndarray, dict]:
+               symmetric: bool = False, S_init: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Greedy coordinate descent over the tile scales of the O x K matrix ``W``.
 
     ``evaluator`` gives, for the candidates of one column block, per-row-block error terms
     (``GramEval`` or ``DirectEval``). Returns (scales, info). ``symmetric``: integers in
-    ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+    ``[-(2^(b-1)-1), 2^(b-1)-1]``. ``S_init``: the scales to start from (default: the max
+    init); the candidates stay anchored at the max init either way.
 
     Ties: a tile moves only to a candidate better than its current scale by more than the
     tolerance; among candidates within the tolerance of the best, the lowest index wins.
@@ -556,9 +562,9 @@ def algorithm1(W: np.ndarray, grid: TileGrid, w_bits: int, factors: np.ndarray, 
     S0 = max_scales(W, grid, w_bits)
     cands = factors[:, None, None] * S0[None]               # (n, nrb, ncb)
     n = len(factors)
-    S = S0.copy()
+    S = S0.copy() if S_init is None else np.array(S_init, dtype=np.float64)
     # index of the current scale in the candidate list; -1 = the init (not on the grid)
-    match = cands == S0[None]
+    match = cands == S[None]
     cur_idx = np.where(match.any(0), match.argmax(0), -1)
     rb_of_row = grid.row_block_index()
     rb_starts = grid.row_block_starts()
@@ -645,23 +651,37 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     s1, e1, ev1 = search_act_scale(prob, W32, act_grid, s_max, metric, p["act_search"])
     times["act1_s"] = time.perf_counter() - t0
 
-    # 2. Algorithm 1 with s_x = s1 fixed
-    t0 = time.perf_counter()
-    if p["mode"] == "gram":
-        ev = GramEval(prob.gram_stats(s1), prob.bias, metric)
-    else:
-        Xq, Y = prob.direct_data(s1)
-        ev = DirectEval(Xq, Y, prob.bias, metric)
-    times["stats_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    S, ainfo = algorithm1(W, grid, w_bits, factors, p["rounds"], ev, metric, prob.t2, sym)
-    times["search_s"] = time.perf_counter() - t0
-    W_hat = _dequant(W, grid, S, w_bits, sym)
-
-    # 3. activation scale again with the quantized weights
-    t0 = time.perf_counter()
-    s3, e3, ev3 = search_act_scale(prob, W_hat, act_grid, s1, metric, p["act_search"])
-    times["act2_s"] = time.perf_counter() - t0
+    # 2. Algorithm 1 with s_x = s1 fixed; 3. activation scale again with the quantized weights;
+    # alternate > 1: repeat 2 (from the current scales) and 3 until neither changes
+    s_cur, S, errs, rounds_done, changes, ev3 = s1, None, [], 0, [], 0
+    times.update(stats_s=0.0, search_s=0.0, act2_s=0.0)
+    e3 = e1
+    for _ in range(p["alternate"]):
+        t0 = time.perf_counter()
+        if p["mode"] == "gram":
+            ev = GramEval(prob.gram_stats(s_cur), prob.bias, metric)
+        else:
+            Xq, Y = prob.direct_data(s_cur)
+            ev = DirectEval(Xq, Y, prob.bias, metric)
+        times["stats_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        S_new, ainfo = algorithm1(W, grid, w_bits, factors, p["rounds"], ev, metric, prob.t2,
+                                  sym, S_init=S)
+        times["search_s"] += time.perf_counter() - t0
+        rounds_done += ainfo["rounds"]
+        changes += ainfo["changes"]
+        W_hat = _dequant(W, grid, S_new, w_bits, sym)
+        t0 = time.perf_counter()
+        s_new, e3, ev = search_act_scale(prob, W_hat, act_grid, s_cur, metric, p["act_search"])
+        ev3 += ev
+        times["act2_s"] += time.perf_counter() - t0
+        errs.append(e3)
+        same = S is not None and np.array_equal(S_new, S) and s_new == s_cur
+        S, s3 = S_new, s_new
+        if same:
+            break
+        s_cur = s3
+    ainfo = {"rounds": rounds_done, "changes": changes}
 
     # 4. never worse than max calibration on the layer objective
     err_max = prob.error(W_max, s_max, metric)
@@ -672,7 +692,8 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     info = {"method": "ptqsl", "metric": metric, "mode": p["mode"], "act_search": p["act_search"],
             "err_max": err_max, "err_init": err_init, "err_act1": e1, "err": e3,
             "rounds": ainfo["rounds"], "changes": ainfo["changes"], "act_evals": ev1 + ev3,
-            "fallback": fallback, "seconds": time.perf_counter() - t_start, **times}
+            "fallback": fallback, "seconds": time.perf_counter() - t_start,
+            "alternations": len(errs), "err_per_alternation": errs, **times}
     if metric == "euclidean" and prob.t2 > 0:
         info["rel_err"] = e3 / math.sqrt(prob.t2)
         info["rel_err_max"] = err_max / math.sqrt(prob.t2)

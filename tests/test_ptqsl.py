@@ -65,8 +65,8 @@ def test_methods_registered():
 def test_defaults():
     p = ptqsl.check_params({})
     assert p == {"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3, "mode": "gram",
-                 "metric": "euclidean", "act_search": "golden", "symmetric": False,
-                 "act_unsigned": False}
+                 "metric": "euclidean", "act_search": "golden", "alternate": 1,
+                 "symmetric": False, "act_unsigned": False}
     f = ptqsl.candidate_factors(p)
     assert len(f) == 100 and f[0] == 0.5 and f[-1] == pytest.approx(1.2)
 
@@ -75,7 +75,7 @@ def test_defaults():
     ("alpha", 0), ("alpha", -1.0), ("alpha", float("nan")), ("alpha", "0.5"), ("alpha", True),
     ("beta", float("inf")), ("beta", 0.4),            # beta < alpha
     ("candidates", 0), ("candidates", 2.5), ("candidates", True),
-    ("rounds", 0), ("rounds", "3"),
+    ("rounds", 0), ("rounds", "3"), ("alternate", 0), ("alternate", 1.5),
     ("mode", "fast"), ("metric", "l1"), ("act_search", "brent"), ("bogus", 1),
     ("symmetric", 1), ("symmetric", "yes"),
 ])
