@@ -102,7 +102,8 @@ def markdown(rows, model) -> list[str]:
         als = [sum(float(r["alternate_s"]) for r in rs if int(r["seed"]) == s) for s in seeds]
         md.append(f"| {tile} | {n} | {', '.join(map(str, seeds))} | {len(rs)} | "
                   f"{np.median(ratio):.4f} | {ratio.max():.4f} | {ratio.min():.4f} | "
-                  f"{int((ratio < 1).sum())} | {int((ratio > 1).sum())} | {pm(ps)} | {pm(als)} |")
+                  f"{int((ratio < 1).sum())} | {int((ratio > 1).sum())} | "
+                  f"{pm(ps, scale=1.0, digits=1)} | {pm(als, scale=1.0, digits=1)} |")
     md.append("")
     md.append("Times are per calibration pass (sum over layers, mean ± sd over seeds), measured "
               "while other benchmarks shared the machine: compare them within a row only.")

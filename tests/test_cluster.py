@@ -86,7 +86,7 @@ def _segment_scorer():
         inp = {}
         base = {"g": np.arange(8)}
 
-        def _rel(self, orders, group):
+        def relative(self, orders, group):
             return None if group is None else orders.get(group)
     sc = SC()
     sc.scorers[0].name, sc.scorers[1].name = "p", "c"

@@ -145,9 +145,9 @@ class ProxyScorer:
             if group not in (out_g, in_g) or out_g == in_g:
                 continue
             if out_g == group:
-                cb = layer_blocks(s, "rows", cols=sc._rel(orders, in_g))
+                cb = layer_blocks(s, "rows", cols=sc.relative(orders, in_g))
             else:
-                cb = layer_blocks(s, "cols", rows=sc._rel(orders, out_g))
+                cb = layer_blocks(s, "cols", rows=sc.relative(orders, out_g))
             if cb is not None:
                 self.parts.append(cb)
         self.base = np.argsort(sc.base[group])

@@ -133,12 +133,12 @@ class SegmentScorer:
         self.evaluations += 1
         total = 0.0
         for s in self.scorers:
-            rows = self._rel(orders, self.out[s.name])
-            cols = self._rel(orders, self.inp[s.name])
+            rows = self.relative(orders, self.out[s.name])
+            cols = self.relative(orders, self.inp[s.name])
             total += s.error(rows, cols)
         return -total
 
-    def _rel(self, orders, group):
+    def relative(self, orders, group):
         """The order relative to the one the statistics were taken at."""
         if group is None or group not in orders:
             return None
