@@ -206,42 +206,33 @@ def main(argv=None) -> int:
         ro.reset()
         detail, search_s = "", ""
         t0 = time.perf_counter()
-        if o == "cluster":
-            r = cluster(net, calib, gran, wb, args.abits, method="ptqsl",
-                        params=calibration_params(cfg), restarts=rdef["restarts"],
-                        score=rdef["score"], seed=rdef["seed"], progress=False, reorderer=ro)
+        if o in ("cluster", "evolution"):
+            if o == "cluster":
+                r = cluster(net, calib, gran, wb, args.abits, method="ptqsl",
+                            params=calibration_params(cfg), restarts=rdef["restarts"],
+                            score=rdef["score"], seed=rdef["seed"], progress=False,
+                            reorderer=ro)
+                key, prefix, timed = f"W{wb}A{args.abits}-{g}-cluster", "cluster_", True
+                conditions = (f"cluster, {rdef['restarts']} restarts, {rdef['score']} score")
+            else:
+                r = evolve(net, calib, gran, wb, args.abits, method="ptqsl",
+                           params=calibration_params(cfg),
+                           population=rdef["population"], generations=rdef["generations"],
+                           swaps=rdef["swaps"], seed=rdef["seed"], progress=True, reorderer=ro)
+                key, prefix, timed = f"W{wb}A{args.abits}-{g}", "", is_default
+                conditions = (f"population {rdef['population']}, generations "
+                              f"{rdef['generations']}, swaps {rdef['swaps']}")
             search_s = f"{r['search_s']:.1f}"
             gains = [s["score"] - s["identity_score"] for s in r["segments"] if "score" in s]
             detail = f"score gain per segment (sum of layer errors): {sum(gains):.3g}"
-            saved_orders[f"W{wb}A{args.abits}-{g}-cluster" + (f"-seed{seed}" if seed else "")] = \
-                r["orders"]
+            saved_orders[key + (f"-seed{seed}" if seed else "")] = r["orders"]
             bench.write_json(orders_path.name, saved_orders)
             saved_orders.pop("provenance", None)
-            if wb == 4 and args.abits == 8 and g == "m2r4" and seed == 0:
+            if wb == 4 and args.abits == 8 and g == "m2r4" and timed and seed == 0:
                 bench.write_json("reorder.json", {
-                    f"{args.model}_cluster_search_s": round(r["search_s"], 1),
-                    f"{args.model}_cluster_search_conditions": (
-                        f"W4A8 Method 2 r=m=4, cluster, {rdef['restarts']} restarts, "
-                        f"{rdef['score']} score, 128 calibration images, {bench.threads} "
-                        f"torch/Numba thread(s), {os.cpu_count()} cores, load average at the "
-                        f"end {os.getloadavg()[0]:.2f}")}, merge=True)
-        elif o == "evolution":
-            r = evolve(net, calib, gran, wb, args.abits, method="ptqsl",
-                       params=calibration_params(cfg),
-                       population=rdef["population"], generations=rdef["generations"],
-                       swaps=rdef["swaps"], seed=rdef["seed"], progress=True, reorderer=ro)
-            search_s = f"{r['search_s']:.1f}"
-            gains = [s["score"] - s["identity_score"] for s in r["segments"] if "score" in s]
-            detail = f"score gain per segment (sum of layer errors): {sum(gains):.3g}"
-            saved_orders[f"W{wb}A{args.abits}-{g}" + (f"-seed{seed}" if seed else "")] = r["orders"]
-            bench.write_json(orders_path.name, saved_orders)
-            saved_orders.pop("provenance", None)
-            if wb == 4 and args.abits == 8 and g == "m2r4" and is_default and seed == 0:
-                bench.write_json("reorder.json", {
-                    f"{args.model}_search_s": round(r["search_s"], 1),
-                    f"{args.model}_search_conditions": (
-                        f"W4A8 Method 2 r=m=4, population {rdef['population']}, generations "
-                        f"{rdef['generations']}, swaps {rdef['swaps']}, 128 calibration images, "
+                    f"{args.model}_{prefix}search_s": round(r["search_s"], 1),
+                    f"{args.model}_{prefix}search_conditions": (
+                        f"W4A8 Method 2 r=m=4, {conditions}, 128 calibration images, "
                         f"{bench.threads} torch/Numba thread(s), {os.cpu_count()} cores, "
                         f"load average at the end {os.getloadavg()[0]:.2f}")}, merge=True)
         else:

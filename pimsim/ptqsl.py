@@ -653,15 +653,14 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
 
     # 2. Algorithm 1 with s_x = s1 fixed; 3. activation scale again with the quantized weights;
     # alternate > 1: repeat 2 (from the current scales) and 3 until neither changes
-    s_cur, S, errs, rounds_done, changes, ev3 = s1, None, [], 0, [], 0
+    s3, S, errs, rounds_done, changes, ev3 = s1, None, [], 0, [], 0
     times.update(stats_s=0.0, search_s=0.0, act2_s=0.0)
-    e3 = e1
     for _ in range(p["alternate"]):
         t0 = time.perf_counter()
         if p["mode"] == "gram":
-            ev = GramEval(prob.gram_stats(s_cur), prob.bias, metric)
+            ev = GramEval(prob.gram_stats(s3), prob.bias, metric)
         else:
-            Xq, Y = prob.direct_data(s_cur)
+            Xq, Y = prob.direct_data(s3)
             ev = DirectEval(Xq, Y, prob.bias, metric)
         times["stats_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -672,16 +671,14 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
         changes += ainfo["changes"]
         W_hat = _dequant(W, grid, S_new, w_bits, sym)
         t0 = time.perf_counter()
-        s_new, e3, ev = search_act_scale(prob, W_hat, act_grid, s_cur, metric, p["act_search"])
-        ev3 += ev
+        s_new, e3, n_ev = search_act_scale(prob, W_hat, act_grid, s3, metric, p["act_search"])
+        ev3 += n_ev
         times["act2_s"] += time.perf_counter() - t0
         errs.append(e3)
-        same = S is not None and np.array_equal(S_new, S) and s_new == s_cur
+        same = S is not None and np.array_equal(S_new, S) and s_new == s3
         S, s3 = S_new, s_new
         if same:
             break
-        s_cur = s3
-    ainfo = {"rounds": rounds_done, "changes": changes}
 
     # 4. never worse than max calibration on the layer objective
     err_max = prob.error(W_max, s_max, metric)
@@ -691,7 +688,7 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
         S, s3, e3 = S_max, s_max, err_max
     info = {"method": "ptqsl", "metric": metric, "mode": p["mode"], "act_search": p["act_search"],
             "err_max": err_max, "err_init": err_init, "err_act1": e1, "err": e3,
-            "rounds": ainfo["rounds"], "changes": ainfo["changes"], "act_evals": ev1 + ev3,
+            "rounds": rounds_done, "changes": changes, "act_evals": ev1 + ev3,
             "fallback": fallback, "seconds": time.perf_counter() - t_start,
             "alternations": len(errs), "err_per_alternation": errs, **times}
     if metric == "euclidean" and prob.t2 > 0:

@@ -139,7 +139,7 @@ class ProxyScorer:
     """The segment proxy for one group's order, with the other groups at given orders."""
 
     def __init__(self, sc: SegmentScorer, group: str, orders: dict):
-        self.parts = []                       # (ChannelBlocks, constant E of the layer)
+        self.parts = []                       # ChannelBlocks of the layers the proxy describes
         for s in sc.scorers:
             out_g, in_g = sc.out[s.name], sc.inp[s.name]
             if group not in (out_g, in_g) or out_g == in_g:

@@ -105,8 +105,14 @@ def calibrate_layers(net: Network, images: torch.Tensor, names: list[str], gran:
 # --------------------------------------------------------------------------------------------
 
 def check_search_params(population, generations, swaps, seed) -> None:
-    for v, what, lo in ((population, "population", 2), (generations, "generations", 0),
-                        (swaps, "swaps", 1), (seed, "seed", 0)):
+    check_ints((population, "population", 2), (generations, "generations", 0),
+               (swaps, "swaps", 1), (seed, "seed", 0))
+
+
+def check_ints(*checks) -> None:
+    """ValueError naming the first ``(value, name, lowest)`` whose value is not an integer
+    >= lowest."""
+    for v, what, lo in checks:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"reorder {what} must be an integer >= {lo}, got {v!r}")
 
@@ -197,9 +203,7 @@ def cluster(net: Network, images: torch.Tensor, gran: Granularity, w_bits: int, 
     segment in network order, each checked against the current order by the evolutionary
     search's real score. Leaves ``net`` reordered and calibrated as ``evolve`` does; returns
     the same kind of record (``"method": "cluster"``)."""
-    for v, what, lo in ((restarts, "restarts", 0), (seed, "seed", 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"reorder {what} must be an integer >= {lo}, got {v!r}")
+    check_ints((restarts, "restarts", 0), (seed, "seed", 0))
     if score not in SCORES:
         raise ValueError(f"reorder score must be one of {', '.join(SCORES)}, got {score!r}")
 
@@ -226,21 +230,20 @@ def output_error(net, images, ro, orders, base, todo, pos, end, nxt, sc, gran, w
     to be calibrated again by whoever needs them)."""
     if nxt is None:
         return -sc.score(orders)
+    def err(layer, x, t):
+        with torch.no_grad():
+            return float(torch.linalg.vector_norm((layer.float_forward(x) - t).double()))
+
     ro.set_orders(orders)
     names = [n for n in todo if pos[n] <= end and net.layer(n).quant is None]
     try:
-
-        def err(layer, x, t):
-            with torch.no_grad():
-                return float(torch.linalg.vector_norm((layer.float_forward(x) - t).double()))
         got = calibrate_layers(net, images, names, gran, w_bits, a_bits, method, calib_params,
                                record=[nxt], stop_after=nxt, on_record=err,
                                act_signed=act_signed)
     finally:
         ro.set_orders(base)
-        for n in todo:                  # calibrated at ``orders``: not valid at ``base``
-            if n in names:
-                net.layer(n).clear_quant()
+        for n in names:                 # calibrated at ``orders``: not valid at ``base``
+            net.layer(n).clear_quant()
     return got[nxt]
 
 
