@@ -90,3 +90,13 @@ def test_alternation_gram_and_direct_agree():
     d = ptqsl.ptqsl_method(layer, x, t, gran, 3, 8, {**P, "alternate": 4, "mode": "direct"})
     np.testing.assert_array_equal(g.w_scales, d.w_scales)
     assert g.act_scale == d.act_scale
+
+
+def test_bad_alternate_in_yaml_is_one_line():
+    from pimsim.config import ConfigError, validate
+    for v in (0, 1001, 2.5, "3"):
+        with pytest.raises(ConfigError) as e:
+            validate({"quant": {"search": {"alternate": v}}}, "c.yaml")
+        assert str(e.value).startswith("c.yaml: quant.search: ")
+        assert "alternate must be an integer in 1..1000" in str(e.value)
+        assert "\n" not in str(e.value)
