@@ -262,6 +262,103 @@ def _im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, n0, out):
                         out[r, c * khw + k0] = 0
 
 
+@njit(parallel=True, cache=True)
+def _im2col_rows_w1(x, kh, kw, sh, ph, pw, dh, n0, out):
+    """``_im2col_rows`` for stride 1 and dilation 1 along the width (every 3x3 / 1x1 conv of
+    stride 1, and the height-strided ones): consecutive output pixels of one image row share
+    kw - 1 of their kw taps, so row n+1 is row n shifted left by one column (taps j -> j - 1
+    within each (c, i)) and only the taps j = kw - 1 are read from x. Each image row of the
+    chunk starts with a full row; rows of different image rows run in parallel."""
+    B, H, W, C = x.shape
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = W + 2 * pw - (kw - 1)
+    khw = kh * kw
+    K = C * khw
+    nrows = out.shape[0]
+    if nrows == 0:
+        return
+    first = n0 // Wo
+    last = (n0 + nrows - 1) // Wo
+    for s in prange(last - first + 1):
+        g = first + s                            # image row b * Ho + ho
+        r0 = max(n0, g * Wo) - n0
+        r1 = min(n0 + nrows, (g + 1) * Wo) - n0
+        b = g // Ho
+        ho = g % Ho
+        wo = n0 + r0 - g * Wo
+        row = out[r0]
+        for i in range(kh):
+            h = ho * sh - ph + i * dh
+            for j in range(kw):
+                w = wo - pw + j
+                k0 = i * kw + j
+                if 0 <= h < H and 0 <= w < W:
+                    for c in range(C):
+                        row[c * khw + k0] = x[b, h, w, c]
+                else:
+                    for c in range(C):
+                        row[c * khw + k0] = 0
+        for r in range(r0 + 1, r1):
+            wo += 1
+            prev = out[r - 1]
+            row = out[r]
+            for k in range(K - 1):
+                row[k] = prev[k + 1]
+            w = wo - pw + kw - 1
+            for i in range(kh):
+                h = ho * sh - ph + i * dh
+                k0 = i * kw + kw - 1
+                if 0 <= h < H and 0 <= w < W:
+                    for c in range(C):
+                        row[c * khw + k0] = x[b, h, w, c]
+                else:
+                    for c in range(C):
+                        row[c * khw + k0] = 0
+
+
+def im2col_rows(x, geometry, n0: int, out) -> None:
+    """Rows ``n0 .. n0 + len(out)`` of the pixel-major im2col matrix of the channels-last
+    C-contiguous ``x`` (B, H, W, C) into ``out`` (C-contiguous, x's dtype), for ``geometry``
+    ((kh, kw), stride, padding, dilation): the shifted-row kernel ``_im2col_rows_w1`` where the
+    width stride and dilation are 1, ``_im2col_rows`` otherwise."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    if sw == 1 and dw == 1 and kw >= 2:
+        _im2col_rows_w1(x, kh, kw, sh, ph, pw, dh, n0, out)
+    else:
+        _im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, n0, out)
+
+
+@njit(parallel=True, cache=True)
+def _quantize_cl(x, s, lo, hi, out):
+    """out[b, h, w, c] = int8(clamp(rint(x[b, h, w, c] / float32(s)), lo, hi)): Eq. 1 with
+    torch's float32 division and round-half-to-even, in one pass."""
+    B, H, W, C = x.shape
+    sf = np.float32(s)
+    for bh in prange(B * H):
+        b = bh // H
+        h = bh % H
+        for w in range(W):
+            for c in range(C):
+                v = np.rint(x[b, h, w, c] / sf)
+                out[b, h, w, c] = np.int8(min(max(v, lo), hi))
+
+
+def quantize_int8_channels_last(x: torch.Tensor, scale: float, lo: int, hi: int) -> torch.Tensor:
+    """``clamp(round(x / scale), lo, hi)`` of a float32 (B, C, H, W) tensor as int8, in
+    channels-last memory (returned as the (B, C, H, W) view): the values of
+    ``GemmLayer.quantize_input`` (same float32 division, round half to even) in the layout
+    ``TiledGemm.conv`` reads, without the float32 intermediate. Needs ``-128 <= lo <= hi <= 127``."""
+    if not (-128 <= lo <= hi <= 127):
+        raise ValueError(f"int8 quantization needs -128 <= lo <= hi <= 127, got [{lo}, {hi}]")
+    if x.dim() != 4 or x.dtype != torch.float32:
+        raise ValueError(f"expected a float32 B x C x H x W tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    B, C, H, W = x.shape
+    out = np.empty((B, H, W, C), dtype=np.int8)
+    _quantize_cl(x.detach().permute(0, 2, 3, 1).numpy(), float(scale), float(lo), float(hi), out)
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
 def _channels_last(x) -> np.ndarray:
     """A (B, C, H, W) tensor/array as a C-contiguous (B, H, W, C) numpy array (a view when the
     tensor is already in channels-last memory format)."""
@@ -281,7 +378,7 @@ def im2col(x, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> np
     B, H, W, C = xh.shape
     ho, wo = conv_out_hw(H, W, kernel_size, stride, padding, dilation)
     out = np.empty((B * ho * wo, C * kernel_size[0] * kernel_size[1]), dtype=xh.dtype)
-    _im2col_rows(xh, *kernel_size, *stride, *padding, *dilation, 0, out)
+    im2col_rows(xh, (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)), 0, out)
     return out
 
 
@@ -505,11 +602,10 @@ class TiledGemm:
         if self.path == "int8" and x.dtype != np.int8:
             x = x.astype(np.int8)            # integers within int8 (int8_fits): exact
         buf = np.empty((self.chunk_size(N), self.grid.K_in), dtype=dt)
-        flat = [v for pair in geometry for v in pair]
 
         def rows(n0, n1):
             b = buf[: n1 - n0]
-            _im2col_rows(x, *flat, n0, b)
+            im2col_rows(x, geometry, n0, b)
             return b if self.path == "int" else torch.from_numpy(b)
         return N, rows
 

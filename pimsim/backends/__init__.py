@@ -60,12 +60,19 @@ class IntegerBackend(Backend):
              bias) -> np.ndarray:
         raise NotImplementedError
 
+    def quantize_conv_input(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """A conv layer's quantized input as ``conv`` takes it: by default
+        ``layer.quantize_input(x)`` (integers as float32); a backend may return the same
+        integers in another dtype or memory format."""
+        return layer.quantize_input(x)
+
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         q = layer.quant
-        xq = layer.quantize_input(x)                                     # integers, as float32
         if layer.kind == "linear":
+            xq = layer.quantize_input(x)                                 # integers, as float32
             y = self.gemm(xq.reshape(-1, layer.K), q.act_scale, layer.bias)
             return torch.from_numpy(y).view(*x.shape[:-1], layer.O)
+        xq = self.quantize_conv_input(layer, x)
         B = x.shape[0]
         ho, wo = layer.out_hw(x.shape[2], x.shape[3])
         y = self.conv(xq, q.act_scale, layer.kernel_size, layer.stride, layer.padding,

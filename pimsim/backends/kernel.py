@@ -4,7 +4,10 @@ and gets Y^T, the output in channels-last memory format: no transposition anywhe
 
 from __future__ import annotations
 
-from ..kernels import TiledGemm
+import torch
+
+from ..kernels import TiledGemm, quantize_int8_channels_last
+from ..quant import act_qrange
 from . import IntegerBackend
 
 
@@ -15,6 +18,16 @@ class KernelBackend(IntegerBackend):
         q = self.quant_of(layer)
         self.op = TiledGemm(layer.wq, q.grid, q.w_scales, w_bits=q.w_bits, a_bits=q.a_bits,
                             clamp=q.clamp, a_unsigned=q.act_unsigned)
+
+    def quantize_conv_input(self, layer, x):
+        """On the int8 path, Eq. 1 straight into the int8 channels-last input the im2col
+        reads (one pass; the same integers as ``layer.quantize_input``)."""
+        q = layer.quant
+        if self.op.path == "int8" and x.dtype == torch.float32 and x.dim() == 4:
+            lo, hi = act_qrange(q.a_bits, q.symmetric, q.act_unsigned)
+            if -128 <= lo and hi <= 127:
+                return quantize_int8_channels_last(x, q.act_scale, lo, hi)
+        return layer.quantize_input(x)
 
     def gemm(self, xq, act_scale, bias):
         return self.op(xq, act_scale, bias=bias, layout="NK")

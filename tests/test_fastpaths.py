@@ -1,0 +1,110 @@
+"""The kernel path's fast input stages against independent references: the shifted-row im2col
+(stride and dilation 1 along the width) against ``F.unfold`` on arbitrary row chunks, and the
+one-pass int8 quantizer against torch's ``clamp(round(x / s))`` on values at rounding ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pimsim.kernels import (_im2col_rows, _im2col_rows_w1, _channels_last, conv_out_hw,
+                            im2col_rows, quantize_int8_channels_last)
+
+PROP = settings(deadline=None, max_examples=120,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _unfold_rows(x, ks, st_, pd, dl):
+    K = x.shape[1] * ks[0] * ks[1]
+    return F.unfold(x, ks, dilation=dl, padding=pd, stride=st_).permute(0, 2, 1).reshape(-1, K)
+
+
+@st.composite
+def w1_geometry(draw):
+    """Convolutions of width stride 1 and width dilation 1 (what ``_im2col_rows_w1`` takes)."""
+    B = draw(st.integers(1, 3))
+    C = draw(st.integers(1, 5))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(2, 4))
+    sh, ph, pw, dh = (draw(st.integers(1, 3)), draw(st.integers(0, 3)), draw(st.integers(0, 3)),
+                      draw(st.integers(1, 3)))
+    H = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 12))
+    W = draw(st.integers(max(1, kw - 2 * pw), 12))
+    return B, C, H, W, ((kh, kw), (sh, 1), (ph, pw), (dh, 1))
+
+
+@PROP
+@given(w1_geometry(), st.data())
+def test_shifted_im2col_rows_equal_unfold_on_any_chunk(geo, data):
+    B, C, H, W, g = geo
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    x = rng.integers(-128, 128, size=(B, C, H, W)).astype(np.int8)
+    want = _unfold_rows(torch.from_numpy(x.astype(np.float32)), *g).numpy()
+    ho, wo = conv_out_hw(H, W, *g)
+    N = B * ho * wo
+    assert want.shape[0] == N
+    xh = _channels_last(torch.from_numpy(x))
+    n0 = data.draw(st.integers(0, N - 1), label="n0")
+    n1 = data.draw(st.integers(n0, N), label="n1")
+    out = np.full((n1 - n0, want.shape[1]), 99, dtype=np.int8)   # 99: no stale value passes
+    (kh, kw), (sh, _), (ph, pw), (dh, _) = g
+    _im2col_rows_w1(xh, kh, kw, sh, ph, pw, dh, n0, out)
+    np.testing.assert_array_equal(out.astype(np.float32), want[n0:n1])
+    out2 = np.empty_like(out)
+    im2col_rows(xh, g, n0, out2)                                  # the dispatcher picks it
+    np.testing.assert_array_equal(out2, out)
+
+
+def test_im2col_dispatch_keeps_the_general_kernel_for_strided_widths():
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, size=(2, 3, 9, 10)).astype(np.int8)
+    g = ((3, 3), (1, 2), (1, 1), (1, 1))
+    xh = _channels_last(torch.from_numpy(x))
+    want = _unfold_rows(torch.from_numpy(x.astype(np.float32)), *g).numpy()
+    out = np.empty(want.shape, np.int8)
+    im2col_rows(xh, g, 0, out)
+    np.testing.assert_array_equal(out.astype(np.float32), want)
+    ref = np.empty_like(out)
+    _im2col_rows(xh, 3, 3, 1, 2, 1, 1, 1, 1, 0, ref)
+    np.testing.assert_array_equal(ref, out)
+
+
+def _tie_values(rng, s, n):
+    """float32 values at and next to the rounding ties of x / s and on the integer grid."""
+    k = rng.integers(-140, 140, n).astype(np.float64)
+    v = np.concatenate([(k + 0.5) * s, k * s, rng.normal(0, 60 * s, n)]).astype(np.float32)
+    return np.concatenate([v, np.nextafter(v, np.float32(np.inf)),
+                           np.nextafter(v, np.float32(-np.inf))])
+
+
+@pytest.mark.parametrize("s, lo, hi", [(0.0123456789, -128, 127), (0.37, -127, 127),
+                                       (0.3, 0, 127), (2.5e-3, -8, 7)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_int8_quantizer_equals_torch_round_clamp(s, lo, hi, channels_last):
+    rng = np.random.default_rng(0)
+    v = _tie_values(rng, s, 20_000)
+    n = len(v) // 60 * 60
+    x = torch.from_numpy(v[:n].copy()).reshape(-1, 3, 4, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.div(x, s).round_().clamp_(lo, hi)            # GemmLayer.quantize_input
+    got = quantize_int8_channels_last(x, s, lo, hi)
+    assert got.dtype == torch.int8 and got.shape == x.shape
+    assert got.permute(0, 2, 3, 1).is_contiguous()              # channels-last memory
+    assert torch.equal(got.float(), want)
+    # the ties are there: half-away-from-zero rounding or a float64 division would differ
+    away = torch.sign(x / s) * torch.floor(torch.abs(x / s) + 0.5)
+    assert not torch.equal(away.clamp(lo, hi), want)
+    f64 = torch.from_numpy(np.rint(x.double().numpy() / s)).float().clamp(lo, hi)
+    assert not torch.equal(f64, want)
+
+
+def test_int8_quantizer_refuses_what_int8_cannot_hold():
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="-128 <= lo <= hi <= 127"):
+        quantize_int8_channels_last(x, 0.1, 0, 255)
+    with pytest.raises(ValueError, match="float32 B x C x H x W"):
+        quantize_int8_channels_last(x.double(), 0.1, -128, 127)
