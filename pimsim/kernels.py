@@ -208,6 +208,28 @@ def combine_nk(P, srow, lim, sx, bias, y, n0):
             y[n0 + n, o] = np.float32(sx * acc[o]) + bias[o]
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def _combine_nk_noclip(P, srow, sx, bias, y, n0):
+    """``combine_nk`` when no tile has a clamp (every limit infinite, so clipping is the
+    identity): the same float64 operations in the same order, in blocks of rows with the
+    accumulators reused and the inner loops over contiguous o."""
+    J, nb, O = P.shape
+    BS = 32
+    for blk in prange((nb + BS - 1) // BS):
+        acc = np.empty(O, dtype=np.float64)
+        for n in range(blk * BS, min(nb, blk * BS + BS)):
+            for o in range(O):
+                acc[o] = 0.0
+            for j in range(J):
+                sj = srow[j]
+                pj = P[j, n]
+                for o in range(O):
+                    acc[o] += sj[o] * np.float64(pj[o])
+            yr = y[n0 + n]
+            for o in range(O):
+                yr[o] = np.float32(sx * acc[o]) + bias[o]
+
+
 @njit(parallel=True, cache=True)
 def _psums_int(wq, xt, bounds, n0, og, out):
     """Exact int64 partial sums out[j, n, o] = sum_{k in block j} wq[o, k] * xt[n0 + n, g*K + k]
@@ -466,6 +488,7 @@ class TiledGemm:
                 raise ValueError("clamp limits must be >= 0")
             lim = np.broadcast_to(c, grid.shape).astype(np.float64)
         self._lim = np.ascontiguousarray(lim[rb, :].T)               # (J, O)
+        self._noclip = bool(np.isinf(self._lim).all())
         self.wq = np.ascontiguousarray(wq)
         self._bounds = grid.col_bounds()
         if self.path != "int":
@@ -521,7 +544,10 @@ class TiledGemm:
         ``row_scales`` and summed over j in float64 in the order j = 0..J-1, then
         ``y[n0 + n, o] = f32(act_scale * acc) + bias[o]`` (``act_scale`` and ``bias`` as
         returned by ``check_act_scale`` / ``check_bias``; ``y`` float32 N x O, written in place)."""
-        combine_nk(P, self._srow, self._lim, act_scale, bias, y, n0)
+        if self._noclip:
+            _combine_nk_noclip(P, self._srow, act_scale, bias, y, n0)
+        else:
+            combine_nk(P, self._srow, self._lim, act_scale, bias, y, n0)
 
     def _psums_nk(self, N, rows):
         """Yield ``(n0, n1, P)``: exact partial sums P (J, n1-n0, O) of each chunk of rows of
@@ -653,9 +679,11 @@ class TiledGemm:
         y = np.empty(shape, dtype=np.float32) if out is None else out
         if y.shape != shape or y.dtype != np.float32:
             raise ValueError(f"out must be float32 of shape {shape}")
-        combine = _combine_kn if layout == "KN" else combine_nk
         for n0, _, P in self.iter_psums(xq, layout):
-            combine(P, self._srow, self._lim, sx, b, y, n0)
+            if layout == "KN":
+                _combine_kn(P, self._srow, self._lim, sx, b, y, n0)
+            else:
+                self.combine(P, sx, b, y, n0)
         return y
 
     def conv(self, xq4, act_scale: float, kernel_size, stride=(1, 1), padding=(0, 0),
@@ -670,7 +698,7 @@ class TiledGemm:
                                         tuple(dilation)))
         y = np.empty((N, g.O), dtype=np.float32)
         for n0, _, P in self._psums_nk(N, rows):
-            combine_nk(P, self._srow, self._lim, sx, b, y, n0)
+            self.combine(P, sx, b, y, n0)
         return y
 
 
