@@ -520,3 +520,106 @@ def test_roundtrip_and_onnx_with_unsigned_activations(root, tmp_path):
     zps = [i.data_type for i in m.graph.initializer if "act_zero_point" in i.name]
     assert zps == [onnx.TensorProto.UINT8] * len(flags), zps
     _layerwise_check(net, m, x)
+
+
+class _GroupedNet(torch.nn.Module):
+    """Depthwise-separable block plus a groups=2 conv (with stride and dilation), BatchNorm
+    folded by pimsim; the first and last layers stay float."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)                 # K = 9, Og = 1
+        self.bn = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.g2 = nn.Conv2d(12, 16, 3, stride=2, padding=2, dilation=2, groups=2)  # K = 54
+        self.g4 = nn.Conv2d(16, 8, (3, 2), padding=1, groups=4, bias=False)    # K = 24
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.dw(torch.relu(self.stem(x)))))
+        x = torch.relu(self.g4(torch.relu(self.g2(torch.relu(self.pw(x))))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("tile", [[4, 5], [3, 7], [16, 4]])
+def test_onnx_grouped_im2col_matches_fake_path(tile):
+    """Grouped and depthwise convs whose tile columns c are not a multiple of kh*kw: exported
+    as a group=G one-hot Conv + batched per-group MatMul on the tile-blocked weight; ONNX
+    Runtime computes pimsim's fake path layer by layer within float32 rounding, and the
+    logits end to end. The weight DequantizeLinear holds every tile's own scale."""
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from pimsim.calibrate import calibrate
+    from pimsim.network import build_network
+    from pimsim.onnx_export import build_onnx
+    from pimsim.quant import Granularity
+    torch.manual_seed(0)
+    model = _GroupedNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+    net = build_network(model, (3, 12, 12))
+    gen = torch.Generator().manual_seed(1)
+    calibrate(net, torch.randn(16, 3, 12, 12, generator=gen), Granularity.tile(*tile), 4, 8,
+              method="max", progress=False)
+    grouped = [l for l in net.quantized_layers if l.groups > 1]
+    assert [l.name for l in grouped] == ["dw", "g2", "g4"]
+    for l in grouped:
+        kk = l.kernel_size[0] * l.kernel_size[1]
+        assert l.quant.grid.c % kk and l.quant.grid.shape[1] > 1, (l.name, l.quant.grid)
+        # distinct scales per tile, so a wrong tile order or group order shows
+        assert len(np.unique(l.quant.w_scales)) > 1, l.name
+    net.set_mode("fake")
+    m = build_onnx(net, expose=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for l in grouped:
+        conv = [n for n in m.graph.node if n.name.startswith(f"{l.name}_im2col_")]
+        assert len(conv) == 1
+        assert {a.name: a.i for a in conv[0].attribute if a.name == "group"} == \
+            {"group": l.groups}
+        dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0].startswith(f"{l.name}_weight_int")]
+        si = inits[dq[0].input[1]]
+        g = l.quant.grid                       # independent expansion: row o, column block j
+        for o in range(l.O):
+            og, oi = divmod(o, g.Og)
+            i = og * -(-g.Og // g.r) + oi // g.r
+            assert np.array_equal(si[o], l.quant.w_scales[i].astype(np.float32)), (l.name, o)
+    x = torch.randn(7, 3, 12, 12, generator=gen)
+    logits = _layerwise_check(net, m, x)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+class _GeluNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, groups=1)
+        self.act = torch.nn.GELU()
+        self.b = torch.nn.Conv2d(4, 4, 3, groups=2)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_onnx_untranslated_node_refused_in_one_line():
+    """An operation the exporter has no translation for is one UnsupportedModelError line
+    naming the graph node; the grouped conv after it is not the problem."""
+    pytest.importorskip("onnx")
+    from pimsim.calibrate import calibrate
+    from pimsim.network import UnsupportedModelError, build_network
+    from pimsim.onnx_export import build_onnx
+    from pimsim.quant import Granularity
+    torch.manual_seed(0)
+    net = build_network(_GeluNet().eval(), (3, 8, 8))
+    calibrate(net, torch.randn(4, 3, 8, 8), Granularity.tile(2, 5), 4, 8, method="max",
+              float_layers=[], progress=False)
+    with pytest.raises(UnsupportedModelError) as e:
+        build_onnx(net)
+    msg = str(e.value)
+    assert "\n" not in msg and "node 'act'" in msg and "GELU" in msg, msg
