@@ -226,6 +226,108 @@ def test_files_contents(reordered):
     assert mine[9]["array"] == ""
 
 
+def test_manifest_has_no_machine_paths_and_fingerprints_the_checkpoint(root, reordered):
+    """The manifest names the checkpoint by its file name with its sha256 and size (computed
+    here with hashlib), drops the absolute data folder, and holds no path of this machine."""
+    import hashlib
+    prep, _, out = reordered
+    text = (out / ex.MANIFEST).read_text()
+    m = json.loads(text)
+    ckpt = prep.checkpoint
+    assert ckpt.is_absolute() and ckpt.name == "resnet20-12fca82f.th"
+    assert m["model"]["checkpoint"] == {
+        "file": ckpt.name, "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+        "size": len(ckpt.read_bytes())}
+    assert m["config"]["model"]["checkpoint"] == ckpt.name
+    assert m["config"]["data"]["dir"] is None           # given as an absolute path: dropped
+    assert str(root) not in text and str(out) not in text
+    assert str(ex.Path(root).resolve()) not in text
+    assert m["provenance"]["seeds"] == [0]              # quant.seed of the config
+
+
+def test_portable_config_paths():
+    """Relative paths stay as given; absolute ones keep only their last component."""
+    c = ex.portable_config({
+        "model": {"checkpoint": "/a/b/w.safetensors", "factory": "/x/y/net.py:build"},
+        "data": {"dir": "/srv/data", "root": "imagenet/val", "path": "/d/set.npz",
+                 "calib_path": None},
+        "quant": {"load": "/tmp/calib"}})
+    assert c["model"] == {"checkpoint": "w.safetensors", "factory": "net.py:build"}
+    assert c["data"] == {"dir": None, "root": "imagenet/val", "path": "set.npz",
+                         "calib_path": None}
+    assert c["quant"] == {"load": "calib"}
+    c = ex.portable_config({"model": {"checkpoint": None, "factory": "pkg.mod:fn"},
+                            "data": {"dir": "data"}, "quant": {"load": None}})
+    assert c == {"model": {"checkpoint": None, "factory": "pkg.mod:fn"},
+                 "data": {"dir": "data"}, "quant": {"load": None}}
+
+
+def test_reload_identifies_the_checkpoint_by_content(root, reordered, tmp_path):
+    """The same checkpoint under another name and folder loads (identified by sha256, not by
+    path); other weights in the same place are refused in one line naming both files."""
+    from fakedata import save_checkpoint
+    _, _, out = reordered
+    same = tmp_path / "elsewhere" / "renamed.th"
+    same.parent.mkdir()
+    same.write_bytes((root / "models" / "resnet20-12fca82f.th").read_bytes())
+    prep, _ = _loaded(root, out, model={"checkpoint": str(same)})
+    assert prep.checkpoint == same
+    other = tmp_path / "resnet20-12fca82f.th"            # same name, other weights
+    save_checkpoint(other, "resnet20", seed=5)
+    cfg = _cfg(root, {"load": str(out)}, model={"checkpoint": str(other)})
+    with pytest.raises(ex.TilesError) as e:
+        calibrate_or_load(prepare(cfg), progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"quant.load: {out / ex.MANIFEST}: ")
+    assert f"model checkpoint {other} (sha256 " in msg
+    assert "is not the one the calibration was made with: 'resnet20-12fca82f.th'" in msg
+
+
+def test_reload_checkpoint_mismatch_cli_one_line(root, reordered, tmp_path, capsys,
+                                                 monkeypatch):
+    from fakedata import save_checkpoint
+    monkeypatch.chdir(ex.Path(__file__).resolve().parents[1])
+    _, _, out = reordered
+    other = tmp_path / "other.th"
+    save_checkpoint(other, "resnet20", seed=6)
+    line = _exit_2(_argv(root, "--set", f"model.checkpoint={other}", "--load", str(out)),
+                   capsys)
+    assert "manifest.json" in line and "other.th" in line and "sha256" in line
+
+
+def test_reload_manifest_without_fingerprint_still_loads(root, reordered, tmp_path):
+    """A manifest written before the fingerprint (no ``model`` entry, absolute paths in its
+    config) still loads, bit for bit; it cannot tell the weights apart, so it does not check
+    them."""
+    prep_a, _, out = reordered
+    d = tmp_path / "old"
+    d.mkdir()
+    m = json.loads((out / ex.MANIFEST).read_text())
+    del m["model"]
+    m["config"]["model"]["checkpoint"] = "/work/somewhere/models/resnet20-12fca82f.th"
+    (d / ex.MANIFEST).write_text(json.dumps(m))
+    (d / ex.TENSORS).write_bytes((out / ex.TENSORS).read_bytes())
+    prep_b, _ = _loaded(root, d)
+    x = _images(prep_a)
+    prep_a.net.set_mode("kernel")
+    prep_b.net.set_mode("kernel")
+    with torch.no_grad():
+        assert torch.equal(prep_a.net(x), prep_b.net(x))
+
+
+def test_reload_bad_fingerprint_entry_one_line(root, reordered, tmp_path):
+    _, _, out = reordered
+    d = tmp_path / "bad"
+    d.mkdir()
+    m = json.loads((out / ex.MANIFEST).read_text())
+    m["model"] = {"checkpoint": "resnet20-12fca82f.th"}
+    (d / ex.MANIFEST).write_text(json.dumps(m))
+    (d / ex.TENSORS).write_bytes((out / ex.TENSORS).read_bytes())
+    with pytest.raises(ex.TilesError, match=r"manifest\.json: model\.checkpoint must be null "
+                                            r"or \{file, sha256, size\}$"):
+        calibrate_or_load(prepare(_cfg(root, {"load": str(d)})), progress=False)
+
+
 # --------------------------------------------------------------------------- refusals
 
 
