@@ -9,9 +9,11 @@
   ``L.clamp`` (float64 partial-sum limits, when set) and ``L.adc_ranges`` (float64, one per
   array, when calibrated ADC ranges were fitted); ``order.G`` (int64) the channel order of
   every free permutation group ``G`` the run reordered;
-- ``manifest.json``: format version, pimsim version and git commit, the resolved config, the
-  channel orders, and per quantized layer name, kind, O, K, groups, the conv geometry, tile grid
-  (r, c, shape), bits, symmetric; with a ``crossbar:`` section the mapping totals and, per layer,
+- ``manifest.json``: format version, pimsim version and git commit, the resolved config
+  without this machine's paths (``portable_config``), ``model.checkpoint``: the checkpoint's
+  file name, sha256 and size (``fingerprint``; null without a file), the channel orders,
+  and per quantized layer name, kind, O, K, groups, the conv geometry, tile grid (r, c,
+  shape), bits, symmetric; with a ``crossbar:`` section the mapping totals and, per layer,
   the placement of every tile (``pimsim.crossbar.LayerMapping.tile_placements``: its pieces'
   array index, word-line and bit-line offsets and sizes);
 - ``tiles.csv``: one row per tile: layer, i, j, rows, cols, scale, array (the arrays holding
@@ -19,7 +21,8 @@
 
 ``load_tiles(net, cfg, directory)`` is the reverse (``quant.load`` / ``pimsim run --load``): it
 checks that the manifest fits the network and the config (layer names, kind, O, K, groups,
-tile grid, bits, symmetric; ``TilesError`` naming the first layer that does not), applies the
+tile grid, bits, symmetric; ``TilesError`` naming the first layer that does not) and the
+checkpoint's size and sha256 against the recorded ones (``check_model``), applies the
 stored channel orders to the float network (``pimsim.reorder.Reorderer``) and gives every
 layer exactly the stored integers, scales and activation scale: no calibration runs.
 ``apply_adc_ranges`` puts stored ADC ranges on the crossbar layers once they are attached.
