@@ -645,12 +645,14 @@ class _GroupedNet(torch.nn.Module):
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-@pytest.mark.parametrize("tile", [[4, 5], [3, 7], [16, 4]])
-def test_onnx_grouped_im2col_matches_fake_path(tile):
+@pytest.mark.parametrize("tile,im2col", [([4, 5], True), ([3, 7], True), ([16, 4], True),
+                                         ([4, 18], False)])
+def test_onnx_grouped_im2col_matches_fake_path(tile, im2col):
     """Grouped and depthwise convs whose tile columns c are not a multiple of kh*kw: exported
     as a group=G one-hot Conv + batched per-group MatMul on the tile-blocked weight; ONNX
     Runtime computes pimsim's fake path layer by layer within float32 rounding, and the
-    logits end to end. The weight DequantizeLinear holds every tile's own scale."""
+    logits end to end. The weight DequantizeLinear holds every tile's own scale. (c = 18, a
+    multiple of 9 and 6: the grouped Conv with its weight blocked along input channels.)"""
     pytest.importorskip("onnxruntime")
     from onnx import numpy_helper
 
@@ -672,20 +674,23 @@ def test_onnx_grouped_im2col_matches_fake_path(tile):
     assert [l.name for l in grouped] == ["dw", "g2", "g4"]
     for l in grouped:
         kk = l.kernel_size[0] * l.kernel_size[1]
-        assert l.quant.grid.c % kk and l.quant.grid.shape[1] > 1, (l.name, l.quant.grid)
+        assert bool(l.quant.grid.c % kk) == im2col, (l.name, l.quant.grid)
+        assert l.quant.grid.shape[1] > 1 or l.name == "dw", (l.name, l.quant.grid)
         # distinct scales per tile, so a wrong tile order or group order shows
         assert len(np.unique(l.quant.w_scales)) > 1, l.name
     net.set_mode("fake")
     m = build_onnx(net, expose=True)
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     for l in grouped:
-        conv = [n for n in m.graph.node if n.name.startswith(f"{l.name}_im2col_")]
+        conv = [n for n in m.graph.node if n.op_type == "Conv" and n.name.startswith(
+            f"{l.name}_im2col_" if im2col else f"{l.name}_")]
         assert len(conv) == 1
         assert {a.name: a.i for a in conv[0].attribute if a.name == "group"} == \
             {"group": l.groups}
         dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
               and n.input[0].startswith(f"{l.name}_weight_int")]
         si = inits[dq[0].input[1]]
+        si = si.reshape(l.O, -1) if im2col else si[:, :, 0, 0]     # (O, column blocks)
         g = l.quant.grid                       # independent expansion: row o, column block j
         for o in range(l.O):
             og, oi = divmod(o, g.Og)
