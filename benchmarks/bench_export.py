@@ -1,6 +1,6 @@
 """The export of a calibration, and the ONNX model checked against pimsim by ONNX Runtime.
 
-    python benchmarks/bench_export.py [--limit N] [--threads T] [--out DIR]
+    python benchmarks/bench_export.py [--limit N] [--threads T] [--out DIR] [--exports-only]
 
 1. ``pimsim export hwconfigs/default.yaml`` (ResNet-20, W4A8, 128x128 tiles, PTQ-SL on 128
    calibration images, seed 0) into a temporary folder; ``manifest.json`` and ``tiles.csv`` are
@@ -21,7 +21,8 @@
    measures between pimsim's exact kernel path and its fake path (float32 rounding apart).
 
 Writes DIR/export-ort.{json,md} (default DIR: benchmarks/results/) with the provenance of
-benchmarks/harness.py.
+benchmarks/harness.py. ``--exports-only``: step 1 only (the two export folders; the ONNX
+Runtime figures are left as they are).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def agreement(name: str, sets, limit: int, threads: int) -> dict:
 def main() -> None:
     ap = common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), seeds=None)
     ap.set_defaults(limit=1000)
+    ap.add_argument("--exports-only", action="store_true",
+                    help="write the export folders only, not the ONNX Runtime agreement")
     args = ap.parse_args()
     bench = Bench(args)
     # 1. the exports of the default config and of the ISAAC-like preset (with the placement
@@ -121,6 +124,8 @@ def main() -> None:
             res = r
         print(f"export of {path.name}: {', '.join(r['files'])}; kept manifest.json, tiles.csv "
               f"in {keep}")
+    if args.exports_only:
+        return
     # 2. ONNX Runtime against the fake path
     points = {}
     for name, sets in POINTS.items():

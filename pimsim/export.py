@@ -9,9 +9,11 @@
   ``L.clamp`` (float64 partial-sum limits, when set) and ``L.adc_ranges`` (float64, one per
   array, when calibrated ADC ranges were fitted); ``order.G`` (int64) the channel order of
   every free permutation group ``G`` the run reordered;
-- ``manifest.json``: format version, pimsim version and git commit, the resolved config, the
-  channel orders, and per quantized layer name, kind, O, K, groups, the conv geometry, tile grid
-  (r, c, shape), bits, symmetric; with a ``crossbar:`` section the mapping totals and, per layer,
+- ``manifest.json``: format version, pimsim version and git commit, the resolved config
+  without this machine's paths (``portable_config``), ``model.checkpoint``: the checkpoint's
+  file name, sha256 and size (``fingerprint``; null without a file), the channel orders,
+  and per quantized layer name, kind, O, K, groups, the conv geometry, tile grid (r, c,
+  shape), bits, symmetric; with a ``crossbar:`` section the mapping totals and, per layer,
   the placement of every tile (``pimsim.crossbar.LayerMapping.tile_placements``: its pieces'
   array index, word-line and bit-line offsets and sizes);
 - ``tiles.csv``: one row per tile: layer, i, j, rows, cols, scale, array (the arrays holding
@@ -19,7 +21,8 @@
 
 ``load_tiles(net, cfg, directory)`` is the reverse (``quant.load`` / ``pimsim run --load``): it
 checks that the manifest fits the network and the config (layer names, kind, O, K, groups,
-tile grid, bits, symmetric; ``TilesError`` naming the first layer that does not), applies the
+tile grid, bits, symmetric; ``TilesError`` naming the first layer that does not) and the
+checkpoint's size and sha256 against the recorded ones (``check_model``), applies the
 stored channel orders to the float network (``pimsim.reorder.Reorderer``) and gives every
 layer exactly the stored integers, scales and activation scale: no calibration runs.
 ``apply_adc_ranges`` puts stored ADC ranges on the crossbar layers once they are attached.
@@ -27,7 +30,9 @@ layer exactly the stored integers, scales and activation scale: no calibration r
 
 from __future__ import annotations
 
+import copy
 import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -60,7 +65,56 @@ def _seed_of(cfg):
     try:
         return cfg["quant.seed"]
     except (KeyError, TypeError):
+        pass
+    try:
+        return cfg["quant"]["seed"]             # a resolved config dict
+    except (KeyError, TypeError):
         return None
+
+
+def fingerprint(path) -> dict | None:
+    """The model file as a manifest records it: ``{"file": its name, "sha256", "size"}`` (bytes);
+    None for no file (a ``model.factory`` model's own initial weights)."""
+    if path is None:
+        return None
+    p = Path(path)
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"file": p.name, "sha256": h.hexdigest(), "size": p.stat().st_size}
+
+
+def _name_only(v):
+    """A path of the config as a manifest records it: as given when relative, else its last
+    component (an export folder must not carry this machine's folders)."""
+    if not isinstance(v, str) or not Path(v).is_absolute():
+        return v
+    return Path(v).name
+
+
+def portable_config(resolved: dict) -> dict:
+    """The resolved config without this machine's paths: ``model.checkpoint`` by its file name
+    (the manifest's ``model`` entry fingerprints it), ``data.dir`` only when relative (the data
+    folder is not needed to use an export), ``model.factory``'s FILE, ``data.root`` /
+    ``data.path`` / ``data.calib_path`` and ``quant.load`` as given when relative, else by their
+    file or folder name."""
+    c = copy.deepcopy(resolved)
+    m, d, q = c.get("model") or {}, c.get("data") or {}, c.get("quant") or {}
+    if m.get("checkpoint") is not None:
+        m["checkpoint"] = Path(m["checkpoint"]).name
+    f = m.get("factory")
+    if isinstance(f, str) and ":" in f:
+        file, fn = f.rsplit(":", 1)
+        m["factory"] = f"{_name_only(file)}:{fn}"
+    if isinstance(d.get("dir"), str) and Path(d["dir"]).is_absolute():
+        d["dir"] = None
+    for key in ("root", "path", "calib_path"):
+        if key in d:
+            d[key] = _name_only(d[key])
+    if "load" in q:
+        q["load"] = _name_only(q["load"])
+    return c
 
 
 def layer_entry(layer) -> dict:
@@ -109,12 +163,16 @@ def adc_ranges_of(net: Network) -> dict:
 
 
 def export_tiles(net: Network, cfg, out_dir, mapping=None, orders: dict | None = None,
-                 adc_ranges: dict | None = None, extra: dict | None = None) -> dict:
+                 adc_ranges: dict | None = None, extra: dict | None = None,
+                 checkpoint=None) -> dict:
     """Write ``tiles.safetensors``, ``manifest.json`` and ``tiles.csv`` of the calibrated ``net``
     into ``out_dir`` (made if needed). ``cfg``: the run's ``Config`` (or a resolved config
-    dict); ``mapping``: the ``pimsim.crossbar.Mapping`` the layers sit on (placements written
-    only then); ``orders``: ``{group: order}`` applied by reordering; ``adc_ranges``:
-    ``{layer: ranges}`` (default: those fitted on the attached layers). Returns the manifest."""
+    dict; recorded by ``portable_config``, without this machine's paths); ``mapping``: the
+    ``pimsim.crossbar.Mapping`` the layers sit on (placements written only then); ``orders``:
+    ``{group: order}`` applied by reordering; ``adc_ranges``: ``{layer: ranges}`` (default:
+    those fitted on the attached layers); ``checkpoint``: the file the model's weights came
+    from (None: none), recorded as ``model.checkpoint`` = ``fingerprint(checkpoint)``.
+    Returns the manifest."""
     from safetensors.numpy import save_file
 
     from .provenance import git_commit
@@ -129,7 +187,12 @@ def export_tiles(net: Network, cfg, out_dir, mapping=None, orders: dict | None =
         raise TilesError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     if adc_ranges is None:
         adc_ranges = adc_ranges_of(net)
-    resolved = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    resolved = portable_config(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    try:
+        model = {"checkpoint": fingerprint(checkpoint)}
+    except OSError as e:
+        raise TilesError(f"model checkpoint {checkpoint}: cannot read it to fingerprint it "
+                         f"({e.strerror or e})") from None
     layers = []
     for l in net.quantized_layers:
         e = layer_entry(l)
@@ -141,6 +204,8 @@ def export_tiles(net: Network, cfg, out_dir, mapping=None, orders: dict | None =
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "pimsim": __version__,
         "commit": git_commit(), "config": resolved,
+        # the weights the calibration belongs to (reload refuses other ones)
+        "model": model,
         "float_layers": [l.name for l in net.layers if l.quant is None],
         "orders": {g: [int(i) for i in p] for g, p in (orders or {}).items()},
         "adc_ranges": sorted(adc_ranges),
@@ -273,6 +338,48 @@ def check_manifest(manifest: dict, cfg, net: Network, where: str) -> None:
                          f"manifest is not a quantized layer of the model")
 
 
+def _short(sha) -> str:
+    return f"{sha[:16]}..." if isinstance(sha, str) else repr(sha)
+
+
+def check_model(manifest: dict, checkpoint, where: str) -> None:
+    """TilesError unless the model's weights are those the calibration was made with: the
+    manifest's ``model.checkpoint`` fingerprint (file name, sha256, size) against the file
+    ``checkpoint`` this run loads (None: no file, a ``model.factory`` model's own initial
+    weights). Compared by size and sha256, not by path or name. A manifest without a
+    ``model`` entry (written before pimsim recorded it) is not checked."""
+    if "model" not in manifest:
+        return
+    m = manifest["model"]
+    rec = m.get("checkpoint", ...) if isinstance(m, dict) else ...
+    if rec is not None and not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str)
+                                and isinstance(rec.get("size"), int)):
+        raise TilesError(f"quant.load: {where}: model.checkpoint must be null or "
+                         "{file, sha256, size}")
+    if rec is None and checkpoint is None:
+        return
+    if rec is None:
+        raise TilesError(f"quant.load: {where}: the calibration was made on the model's own "
+                         f"initial weights (no checkpoint); this run loads checkpoint "
+                         f"{checkpoint}")
+    if checkpoint is None:
+        raise TilesError(f"quant.load: {where}: the calibration was made with checkpoint "
+                         f"{rec.get('file')!r} (sha256 {_short(rec['sha256'])}); this run has "
+                         "no checkpoint (the model's own initial weights)")
+    p = Path(checkpoint)
+    try:
+        same = p.stat().st_size == rec["size"] and fingerprint(p)["sha256"] == rec["sha256"]
+    except OSError as e:
+        raise TilesError(f"quant.load: model checkpoint {p}: cannot read it ({e.strerror or e})"
+                         ) from None
+    if not same:
+        have = fingerprint(p)
+        raise TilesError(f"quant.load: {where}: model checkpoint {p} (sha256 "
+                         f"{_short(have['sha256'])}, {have['size']} bytes) is not the one the "
+                         f"calibration was made with: {rec.get('file')!r} (sha256 "
+                         f"{_short(rec['sha256'])}, {rec['size']} bytes)")
+
+
 def _tensor(t: dict, key: str, f, shape=None, kinds="f"):
     if key not in t:
         raise TilesError(f"quant.load: {f}: tensor {key!r} missing")
@@ -285,16 +392,22 @@ def _tensor(t: dict, key: str, f, shape=None, kinds="f"):
     return a
 
 
-def load_tiles(net: Network, cfg, directory, example_shape=None) -> dict:
+_UNCHECKED = object()
+
+
+def load_tiles(net: Network, cfg, directory, example_shape=None, checkpoint=_UNCHECKED) -> dict:
     """Quantize ``net`` (float, freshly built from the config's model) with the calibration stored
-    in ``directory``: check the manifest against ``cfg`` and ``net`` (``check_manifest``),
-    apply the stored channel orders, then give every layer the stored integers, tile scales,
+    in ``directory``: check the manifest against ``cfg`` and ``net`` (``check_manifest``) and,
+    when ``checkpoint`` is given (the file ``net``'s weights came from, None for none), against
+    the model's weights (``check_model``), apply the stored channel orders, then give every layer the stored integers, tile scales,
     activation scale (and partial-sum clamp). Returns ``{"manifest", "orders", "adc_ranges",
     "float_layers"}``; ``adc_ranges`` ({layer: ranges}) for ``apply_adc_ranges``."""
     d = Path(directory)
     manifest = read_manifest(d)
     where = str(d / MANIFEST)
     check_manifest(manifest, cfg, net, where)
+    if checkpoint is not _UNCHECKED:
+        check_model(manifest, checkpoint, where)
     t = read_tensors(d)
     f = str(d / TENSORS)
     orders = {k[len("order."):]: v for k, v in t.items() if k.startswith("order.")}

@@ -18,7 +18,10 @@ A quantized layer (``GemmLayer.quant`` set) becomes
   over kh, kw) when ``c`` is a multiple of ``kh*kw``; otherwise the layer is exported as
   im2col + MatMul: a ``Conv`` with a constant one-hot kernel gives the K im2col columns in
   ``weight.reshape(O, -1)`` order (exact: every output is one input times 1), and the (O, K)
-  weight blocked along axis 1 with ``block_size = c`` multiplies them (``MatMul``);
+  weight blocked along axis 1 with ``block_size = c`` multiplies them (``MatMul``); for a
+  grouped convolution the one-hot ``Conv`` has ``group = G`` (each group's K columns in turn)
+  and a batched ``MatMul`` (N, G, L, K) x (G, K, Og) multiplies each group's columns by its
+  own rows of the blocked weight;
 - then ``Conv`` (or ``MatMul`` + ``Add`` for a Linear) with the float bias.
 
 Channel orders of reordering are already in the network's weights (``Reorderer`` permutes the
@@ -46,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .network import GemmLayer, Network, UnsupportedModelError
-from .quant import act_qrange, qrange
+from .quant import act_qrange
 
 OPSET = 21
 IR_VERSION = 10
@@ -168,31 +171,48 @@ class _Builder:
 
     def im2col_layer(self, layer: GemmLayer, xd: str, bias) -> str:
         """c not a multiple of kh*kw: one-hot Conv (im2col) -> MatMul with the blocked (O, K)
-        weight -> bias -> back to (N, O, Ho, Wo)."""
-        if layer.groups != 1:
-            raise UnsupportedModelError(
-                f"ONNX export: layer {layer.name!r}: grouped convolution with tile columns "
-                f"c={layer.quant.grid.c} not a multiple of kh*kw={layer.kernel_size[0] * layer.kernel_size[1]} "
-                "cannot be exported (blocked DequantizeLinear needs whole input channels)")
+        weight -> bias -> back to (N, O, Ho, Wo). A grouped layer (G groups of Og rows, each
+        with its own K = Cin/G*kh*kw columns): the one-hot Conv has group=G and gives group g's
+        K columns as channels g*K .. (g+1)*K; the (O, K) weight, dequantized tile by tile like
+        an ungrouped one, is cut into the groups' (Og, K) matrices, and a batched MatMul
+        (N, G, L, K) x (G, K, Og) multiplies every group's columns by its own rows."""
         kh, kw = layer.kernel_size
-        K, cin = layer.K, layer.in_channels
-        eye = np.zeros((K, cin, kh, kw), dtype=np.float32)
+        K, G = layer.K, layer.groups
+        cin_g = layer.in_channels // G                # K = cin_g * kh * kw
+        eye = np.zeros((K, cin_g, kh, kw), dtype=np.float32)
         eye.reshape(K, K)[np.arange(K), np.arange(K)] = 1.0      # k = c*kh*kw + i*kw + j
+        if G > 1:                                    # the same one-hot kernel for every group
+            eye = np.tile(eye, (G, 1, 1, 1))
         e = self.const(eye, f"{layer.name}.im2col_kernel")
-        attrs = self.conv_attrs(layer)
-        attrs["group"] = 1
-        cols = self.node("Conv", [xd, e], f"{layer.name}.im2col", **attrs)      # N, K, Ho, Wo
+        cols = self.node("Conv", [xd, e], f"{layer.name}.im2col",
+                         **self.conv_attrs(layer))                     # N, G*K, Ho, Wo
         h, w_ = self.shapes[layer.name][2:]
         ho, wo = layer.out_hw(h, w_)
-        flat = self.node("Reshape", [cols, self.const(np.array([0, K, -1], np.int64), "shape")],
-                         f"{layer.name}.cols")
-        xt = self.node("Transpose", [flat], f"{layer.name}.cols_t", perm=[0, 2, 1])  # N, L, K
-        w, _ = self.weight_dq(layer, shape4=False)
-        wt = self.node("Transpose", [w], f"{layer.name}.weight_t", perm=[1, 0])       # K, O
-        y = self.node("MatMul", [xt, wt], f"{layer.name}.matmul")                     # N, L, O
-        if bias:
-            y = self.node("Add", [y, bias], f"{layer.name}.bias_add")
-        y = self.node("Transpose", [y], f"{layer.name}.y_t", perm=[0, 2, 1])          # N, O, L
+        w, _ = self.weight_dq(layer, shape4=False)                     # O, K
+        if G == 1:
+            flat = self.node("Reshape", [cols, self.const(np.array([0, K, -1], np.int64),
+                                                          "shape")], f"{layer.name}.cols")
+            xt = self.node("Transpose", [flat], f"{layer.name}.cols_t", perm=[0, 2, 1])  # N,L,K
+            wt = self.node("Transpose", [w], f"{layer.name}.weight_t", perm=[1, 0])      # K, O
+            y = self.node("MatMul", [xt, wt], f"{layer.name}.matmul")                    # N,L,O
+            if bias:
+                y = self.node("Add", [y, bias], f"{layer.name}.bias_add")
+            y = self.node("Transpose", [y], f"{layer.name}.y_t", perm=[0, 2, 1])         # N,O,L
+        else:
+            og = layer.O // G
+            flat = self.node("Reshape", [cols, self.const(np.array([0, G, K, -1], np.int64),
+                                                          "shape")], f"{layer.name}.cols")
+            xt = self.node("Transpose", [flat], f"{layer.name}.cols_t",
+                           perm=[0, 1, 3, 2])                                 # N, G, L, K
+            wg = self.node("Reshape", [w, self.const(np.array([G, og, K], np.int64), "shape")],
+                           f"{layer.name}.weight_g")                          # G, Og, K
+            wt = self.node("Transpose", [wg], f"{layer.name}.weight_t", perm=[0, 2, 1])
+            y = self.node("MatMul", [xt, wt], f"{layer.name}.matmul")         # N, G, L, Og
+            if bias:
+                bg = self.node("Reshape", [bias, self.const(np.array([G, 1, og], np.int64),
+                                                            "shape")], f"{layer.name}.bias_g")
+                y = self.node("Add", [y, bg], f"{layer.name}.bias_add")
+            y = self.node("Transpose", [y], f"{layer.name}.y_t", perm=[0, 1, 3, 2])  # N,G,Og,L
         return self.node("Reshape", [y, self.const(np.array([0, layer.O, ho, wo], np.int64),
                                                    "shape")], layer.name)
 
@@ -454,8 +474,9 @@ def export_onnx(net: Network, path, input_shape=None) -> Path:
 
 def onnx_available() -> bool:
     """Whether the ``onnx`` package can be imported (the optional ``.[onnx]`` extra)."""
+    import importlib
     try:
-        import onnx  # noqa: F401
+        importlib.import_module("onnx")
     except ImportError:
         return False
     return True

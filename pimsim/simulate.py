@@ -9,6 +9,7 @@ result dict.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,7 +259,8 @@ def calibrate_or_load(prep: Prepared, progress: bool = True):
         return quantize_network(prep, progress), reorder, None
     from .export import load_tiles
     t0 = time.perf_counter()
-    loaded = load_tiles(prep.net, cfg, d, dataset_of(prep).input_shape)
+    loaded = load_tiles(prep.net, cfg, d, dataset_of(prep).input_shape,
+                        checkpoint=prep.checkpoint)
     loaded["dir"] = d
     return ({"calibration_s": time.perf_counter() - t0,
              "float_layers": loaded["float_layers"]}, None, loaded)
@@ -282,8 +284,10 @@ def write_export(prep: Prepared, out_dir, mapping=None, reorder=None, loaded=Non
     from .onnx_export import export_onnx, onnx_available
     orders = (reorder or {}).get("orders") or (loaded or {}).get("orders") or {}
     out = Path(out_dir)
-    export_tiles(prep.net, resolved if resolved is not None else resolved_config(prep), out,
-                 mapping=mapping, orders=orders)
+    resolved = copy.deepcopy(resolved if resolved is not None else resolved_config(prep))
+    resolved["data"]["dir"] = prep.cfg["data.dir"]      # as given (recorded only if relative)
+    export_tiles(prep.net, resolved, out, mapping=mapping, orders=orders,
+                 checkpoint=prep.checkpoint)
     files, notes = [TENSORS, MANIFEST, CSV_FILE], []
     if onnx and onnx_available():
         export_onnx(prep.net, out / "model.onnx", dataset_of(prep).input_shape)

@@ -226,6 +226,108 @@ def test_files_contents(reordered):
     assert mine[9]["array"] == ""
 
 
+def test_manifest_has_no_machine_paths_and_fingerprints_the_checkpoint(root, reordered):
+    """The manifest names the checkpoint by its file name with its sha256 and size (computed
+    here with hashlib), drops the absolute data folder, and holds no path of this machine."""
+    import hashlib
+    prep, _, out = reordered
+    text = (out / ex.MANIFEST).read_text()
+    m = json.loads(text)
+    ckpt = prep.checkpoint
+    assert ckpt.is_absolute() and ckpt.name == "resnet20-12fca82f.th"
+    assert m["model"]["checkpoint"] == {
+        "file": ckpt.name, "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+        "size": len(ckpt.read_bytes())}
+    assert m["config"]["model"]["checkpoint"] == ckpt.name
+    assert m["config"]["data"]["dir"] is None           # given as an absolute path: dropped
+    assert str(root) not in text and str(out) not in text
+    assert str(ex.Path(root).resolve()) not in text
+    assert m["provenance"]["seeds"] == [0]              # quant.seed of the config
+
+
+def test_portable_config_paths():
+    """Relative paths stay as given; absolute ones keep only their last component."""
+    c = ex.portable_config({
+        "model": {"checkpoint": "/a/b/w.safetensors", "factory": "/x/y/net.py:build"},
+        "data": {"dir": "/srv/data", "root": "imagenet/val", "path": "/d/set.npz",
+                 "calib_path": None},
+        "quant": {"load": "/tmp/calib"}})
+    assert c["model"] == {"checkpoint": "w.safetensors", "factory": "net.py:build"}
+    assert c["data"] == {"dir": None, "root": "imagenet/val", "path": "set.npz",
+                         "calib_path": None}
+    assert c["quant"] == {"load": "calib"}
+    c = ex.portable_config({"model": {"checkpoint": None, "factory": "pkg.mod:fn"},
+                            "data": {"dir": "data"}, "quant": {"load": None}})
+    assert c == {"model": {"checkpoint": None, "factory": "pkg.mod:fn"},
+                 "data": {"dir": "data"}, "quant": {"load": None}}
+
+
+def test_reload_identifies_the_checkpoint_by_content(root, reordered, tmp_path):
+    """The same checkpoint under another name and folder loads (identified by sha256, not by
+    path); other weights in the same place are refused in one line naming both files."""
+    from fakedata import save_checkpoint
+    _, _, out = reordered
+    same = tmp_path / "elsewhere" / "renamed.th"
+    same.parent.mkdir()
+    same.write_bytes((root / "models" / "resnet20-12fca82f.th").read_bytes())
+    prep, _ = _loaded(root, out, model={"checkpoint": str(same)})
+    assert prep.checkpoint == same
+    other = tmp_path / "resnet20-12fca82f.th"            # same name, other weights
+    save_checkpoint(other, "resnet20", seed=5)
+    cfg = _cfg(root, {"load": str(out)}, model={"checkpoint": str(other)})
+    with pytest.raises(ex.TilesError) as e:
+        calibrate_or_load(prepare(cfg), progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"quant.load: {out / ex.MANIFEST}: ")
+    assert f"model checkpoint {other} (sha256 " in msg
+    assert "is not the one the calibration was made with: 'resnet20-12fca82f.th'" in msg
+
+
+def test_reload_checkpoint_mismatch_cli_one_line(root, reordered, tmp_path, capsys,
+                                                 monkeypatch):
+    from fakedata import save_checkpoint
+    monkeypatch.chdir(ex.Path(__file__).resolve().parents[1])
+    _, _, out = reordered
+    other = tmp_path / "other.th"
+    save_checkpoint(other, "resnet20", seed=6)
+    line = _exit_2(_argv(root, "--set", f"model.checkpoint={other}", "--load", str(out)),
+                   capsys)
+    assert "manifest.json" in line and "other.th" in line and "sha256" in line
+
+
+def test_reload_manifest_without_fingerprint_still_loads(root, reordered, tmp_path):
+    """A manifest written before the fingerprint (no ``model`` entry, absolute paths in its
+    config) still loads, bit for bit; it cannot tell the weights apart, so it does not check
+    them."""
+    prep_a, _, out = reordered
+    d = tmp_path / "old"
+    d.mkdir()
+    m = json.loads((out / ex.MANIFEST).read_text())
+    del m["model"]
+    m["config"]["model"]["checkpoint"] = "/work/somewhere/models/resnet20-12fca82f.th"
+    (d / ex.MANIFEST).write_text(json.dumps(m))
+    (d / ex.TENSORS).write_bytes((out / ex.TENSORS).read_bytes())
+    prep_b, _ = _loaded(root, d)
+    x = _images(prep_a)
+    prep_a.net.set_mode("kernel")
+    prep_b.net.set_mode("kernel")
+    with torch.no_grad():
+        assert torch.equal(prep_a.net(x), prep_b.net(x))
+
+
+def test_reload_bad_fingerprint_entry_one_line(root, reordered, tmp_path):
+    _, _, out = reordered
+    d = tmp_path / "bad"
+    d.mkdir()
+    m = json.loads((out / ex.MANIFEST).read_text())
+    m["model"] = {"checkpoint": "resnet20-12fca82f.th"}
+    (d / ex.MANIFEST).write_text(json.dumps(m))
+    (d / ex.TENSORS).write_bytes((out / ex.TENSORS).read_bytes())
+    with pytest.raises(ex.TilesError, match=r"manifest\.json: model\.checkpoint must be null "
+                                            r"or \{file, sha256, size\}$"):
+        calibrate_or_load(prepare(_cfg(root, {"load": str(d)})), progress=False)
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -520,3 +622,111 @@ def test_roundtrip_and_onnx_with_unsigned_activations(root, tmp_path):
     zps = [i.data_type for i in m.graph.initializer if "act_zero_point" in i.name]
     assert zps == [onnx.TensorProto.UINT8] * len(flags), zps
     _layerwise_check(net, m, x)
+
+
+class _GroupedNet(torch.nn.Module):
+    """Depthwise-separable block plus a groups=2 conv (with stride and dilation), BatchNorm
+    folded by pimsim; the first and last layers stay float."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)                 # K = 9, Og = 1
+        self.bn = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.g2 = nn.Conv2d(12, 16, 3, stride=2, padding=2, dilation=2, groups=2)  # K = 54
+        self.g4 = nn.Conv2d(16, 8, (3, 2), padding=1, groups=4, bias=False)    # K = 24
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.dw(torch.relu(self.stem(x)))))
+        x = torch.relu(self.g4(torch.relu(self.g2(torch.relu(self.pw(x))))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("tile,im2col", [([4, 5], True), ([3, 7], True), ([16, 4], True),
+                                         ([4, 18], False)])
+def test_onnx_grouped_im2col_matches_fake_path(tile, im2col):
+    """Grouped and depthwise convs whose tile columns c are not a multiple of kh*kw: exported
+    as a group=G one-hot Conv + batched per-group MatMul on the tile-blocked weight; ONNX
+    Runtime computes pimsim's fake path layer by layer within float32 rounding, and the
+    logits end to end. The weight DequantizeLinear holds every tile's own scale. (c = 18, a
+    multiple of 9 and 6: the grouped Conv with its weight blocked along input channels.)"""
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from pimsim.calibrate import calibrate
+    from pimsim.network import build_network
+    from pimsim.onnx_export import build_onnx
+    from pimsim.quant import Granularity
+    torch.manual_seed(0)
+    model = _GroupedNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+    net = build_network(model, (3, 12, 12))
+    gen = torch.Generator().manual_seed(1)
+    calibrate(net, torch.randn(16, 3, 12, 12, generator=gen), Granularity.tile(*tile), 4, 8,
+              method="max", progress=False)
+    grouped = [l for l in net.quantized_layers if l.groups > 1]
+    assert [l.name for l in grouped] == ["dw", "g2", "g4"]
+    for l in grouped:
+        kk = l.kernel_size[0] * l.kernel_size[1]
+        assert bool(l.quant.grid.c % kk) == im2col, (l.name, l.quant.grid)
+        assert l.quant.grid.shape[1] > 1 or l.name == "dw", (l.name, l.quant.grid)
+        # distinct scales per tile, so a wrong tile order or group order shows
+        assert len(np.unique(l.quant.w_scales)) > 1, l.name
+    net.set_mode("fake")
+    m = build_onnx(net, expose=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for l in grouped:
+        conv = [n for n in m.graph.node if n.op_type == "Conv" and n.name.startswith(
+            f"{l.name}_im2col_" if im2col else f"{l.name}_")]
+        assert len(conv) == 1
+        assert {a.name: a.i for a in conv[0].attribute if a.name == "group"} == \
+            {"group": l.groups}
+        dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0].startswith(f"{l.name}_weight_int")]
+        si = inits[dq[0].input[1]]
+        si = si.reshape(l.O, -1) if im2col else si[:, :, 0, 0]     # (O, column blocks)
+        g = l.quant.grid                       # independent expansion: row o, column block j
+        for o in range(l.O):
+            og, oi = divmod(o, g.Og)
+            i = og * -(-g.Og // g.r) + oi // g.r
+            assert np.array_equal(si[o], l.quant.w_scales[i].astype(np.float32)), (l.name, o)
+    x = torch.randn(7, 3, 12, 12, generator=gen)
+    logits = _layerwise_check(net, m, x)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+class _GeluNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, groups=1)
+        self.act = torch.nn.GELU()
+        self.b = torch.nn.Conv2d(4, 4, 3, groups=2)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_onnx_untranslated_node_refused_in_one_line():
+    """An operation the exporter has no translation for is one UnsupportedModelError line
+    naming the graph node; the grouped conv after it is not the problem."""
+    pytest.importorskip("onnx")
+    from pimsim.calibrate import calibrate
+    from pimsim.network import UnsupportedModelError, build_network
+    from pimsim.onnx_export import build_onnx
+    from pimsim.quant import Granularity
+    torch.manual_seed(0)
+    net = build_network(_GeluNet().eval(), (3, 8, 8))
+    calibrate(net, torch.randn(4, 3, 8, 8), Granularity.tile(2, 5), 4, 8, method="max",
+              float_layers=[], progress=False)
+    with pytest.raises(UnsupportedModelError) as e:
+        build_onnx(net)
+    msg = str(e.value)
+    assert "\n" not in msg and "node 'act'" in msg and "GELU" in msg, msg
