@@ -797,25 +797,54 @@ def tiled_matmul_reference(wq, xq, scales, grid: TileGrid, act_scale: float, *,
     return y
 
 
+def _blas_pools():
+    """threadpoolctl's controller of the BLAS pools loaded in the process other than torch's
+    (NumPy's OpenBLAS / MKL, used by the calibration's and searches' NumPy products), or None
+    without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:            # an optional nicety: torch and Numba are still set
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
 def set_threads(n: int = 0) -> int:
-    """Use n threads (0 = all cores) in both torch (BLAS) and Numba; returns the count used.
+    """Use n threads (0 = all cores) in torch, Numba and NumPy's BLAS; returns the count used.
 
     Process-wide (Numba's count is that of the calling thread): for a program's top level
-    (the CLI, a benchmark, a sweep worker process). Library code uses ``threads``."""
+    (the CLI, a benchmark, a sweep worker process). Library code uses ``threads``. NumPy's
+    BLAS (OpenBLAS, a pool of its own that ``torch.set_num_threads`` does not reach) is set
+    through threadpoolctl: without it a "1-thread" run's NumPy products still used every core."""
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    pools = _blas_pools()
+    if pools is not None:
+        pools.limit(limits=n)
     return n
+
+
+def blas_threads() -> dict:
+    """{library file name: threads} of NumPy's BLAS pools (empty without threadpoolctl)."""
+    pools = _blas_pools()
+    if pools is None:
+        return {}
+    return {os.path.basename(p.filepath): p.num_threads for p in pools.lib_controllers}
 
 
 @contextlib.contextmanager
 def threads(n: int = 0):
-    """``with threads(n) as used:`` run a block with n threads (0 = all cores) in torch and
-    Numba (``set_threads``), then put both counts back as they were, also on an exception.
-    ``used`` is the count set."""
+    """``with threads(n) as used:`` run a block with n threads (0 = all cores) in torch,
+    Numba and NumPy's BLAS (``set_threads``), then put the counts back as they were, also on
+    an exception. ``used`` is the count set."""
     before_torch, before_numba = torch.get_num_threads(), numba.get_num_threads()
+    pools = _blas_pools()
+    before_blas = pools.info() if pools is not None else []
     try:
         yield set_threads(n)
     finally:
         torch.set_num_threads(before_torch)
         numba.set_num_threads(before_numba)
+        if pools is not None:
+            for lib, info in zip(pools.lib_controllers, before_blas):
+                lib.set_num_threads(info["num_threads"])

@@ -132,3 +132,26 @@ def test_tiled_conv_equals_reference_on_unfold_rows(path, geometry):
     rows = _unfold_rows(x, *geometry).numpy().astype(np.int64)          # N x K, independent
     ref = tiled_matmul_reference(wq, rows.T, scales, grid, 0.05, bias=bias)
     np.testing.assert_allclose(y.T, ref, rtol=0, atol=1e-6 * max(1.0, np.abs(ref).max()))
+
+
+def test_set_threads_reaches_numpys_blas_pool():
+    """A '1-thread' run must not leave NumPy's OpenBLAS pool on every core (it ran the
+    calibration's and the searches' NumPy products on 2 cores in a --threads 1 benchmark)."""
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+    from pimsim.kernels import set_threads, threads
+
+    def blas():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    if not blas():
+        pytest.skip("NumPy has no BLAS pool threadpoolctl can see")
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert blas() and all(n == 1 for n in blas())
+        with threads(2):
+            assert all(n == 2 for n in blas())
+        assert all(n == 1 for n in blas())          # put back after the block
+    finally:
+        set_threads(before)
