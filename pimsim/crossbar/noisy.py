@@ -26,8 +26,9 @@ model replaces the ideal sum; ``bitline_layout()`` gives each column's array and
 
 Read noise: each cell read with a fresh ``N(0, read_noise)`` deviation makes the column sum's
 noise ``N(0, (read_noise / delta)^2 * sum_i d_i^2)`` -- drawn per column sum, exactly that
-distribution. The draws of one input vector come from
-``SeedSequence([seed, crc32(layer), 1, image, piece])`` in a fixed order (segment, pass, cycle,
+distribution. The draws of one input vector are consecutive positions of a counter-based stream
+(``pimsim.crossbar.cbrng``: SplitMix64 bits, ziggurat normals) keyed by
+``SeedSequence([seed, crc32(layer), 1, image, piece])``, in a fixed order (segment, pass, cycle,
 only when the image drives a word line in that cycle), where ``image`` counts the images
 through the layer since the chip was programmed / ``reset_stats`` and ``piece`` is the piece of
 an image too large for one chunk; so the noise of an image depends neither on the batch size
@@ -63,9 +64,10 @@ import os
 import zlib
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
 from .arrays import CrossbarGemm, adc_tables
+from .cbrng import FN, KN, WN, add_read_noise, stream_key
 from .mapping import adc_conversions
 
 WIRE_EXACT_CELLS = 128 * 128   # arrays up to this many cells: the exact IR-drop solve
@@ -128,68 +130,59 @@ def _column_sums(d: np.ndarray, G: np.ndarray) -> np.ndarray:
 def adc_accumulate(v, rng, step, levels, sh, L):
     """The ADC of one cycle, fused: ``L[n, j] += min(rint(max(v, 0) / step[j]), levels) * sh``
     (``levels == 0``: ideal, ``L += v * sh``); returns the conversions with ``v > rng[j]``.
-    One thread: a call takes tens of microseconds, less than waking a thread pool."""
+    One thread: a call takes tens of microseconds, less than waking a thread pool. ``v`` and
+    ``L`` C-contiguous (flat unsigned offsets: no negative-index wraparound per access)."""
     N, C = v.shape
-    clip = np.zeros(N, dtype=np.int64)
+    vf = v.reshape(-1)
+    Lf = L.reshape(-1)
+    uC = uint64(C)
+    flev = np.float64(levels)
+    k = 0
     for n in range(N):
-        k = 0
+        base = uint64(n) * uC
         if levels == 0:
-            for j in range(C):
-                L[n, j] += np.float64(v[n, j]) * sh
+            for j in range(uC):
+                Lf[base + j] += np.float64(vf[base + j]) * sh
         else:
-            for j in range(C):
-                x = np.float64(v[n, j])
-                if x > rng[j]:
-                    k += 1
-                if x < 0.0:
-                    x = 0.0
-                lv = np.rint(x / step[j])
-                if lv > levels:
-                    lv = np.float64(levels)
-                L[n, j] += lv * sh
-        clip[n] = k
-    return clip.sum()
+            for j in range(uC):                   # branch-free: vectorizes
+                x = np.float64(vf[base + j])
+                k += x > rng[j]
+                lv = min(np.rint(max(x, 0.0) / step[j]), flev)
+                Lf[base + j] += lv * sh
+    return k
 
 
 @njit(cache=True)
 def digit_planes(x, k0, k1, sign, dac, D, act, sq):
     """DAC digits of inputs ``k0..k1`` of every row of ``x`` (nb x K integers) in every cycle:
     ``D[c, n, i] = (max(sign * x[n, k0 + i], 0) >> (c * dac)) & (2^dac - 1)``; ``act[c, n]``:
-    the row drives a word line in cycle c; ``sq[c, n] = sum_i D[c, n, i]^2``."""
+    the row drives a word line in cycle c; ``sq[c, n] = sum_i D[c, n, i]^2``. Every array
+    C-contiguous (flat unsigned offsets)."""
     C, nb, nr = D.shape
+    K = x.shape[1]
+    xf = x.reshape(-1)
+    Df = D.reshape(-1)
+    af = act.reshape(-1)
+    qf = sq.reshape(-1)
     mask = (1 << dac) - 1
+    unr = uint64(nr)
+    plane = uint64(nb * nr)
     m = np.empty(nr, dtype=np.int64)
     for n in range(nb):
-        for i in range(nr):
-            v = sign * x[n, k0 + i]
+        base = uint64(n * K + k0)
+        for i in range(unr):
+            v = sign * xf[base + i]
             m[i] = v if v > 0 else 0
         for c in range(C):
             sh = c * dac
-            a = False
-            q = 0.0
-            for i in range(nr):
+            q = 0
+            db = uint64(c) * plane + uint64(n) * unr
+            for i in range(unr):                  # branch-free: vectorizes
                 d = (m[i] >> sh) & mask
-                D[c, n, i] = d
-                if d != 0:
-                    a = True
-                    q += d * d
-            act[c, n] = a
-            sq[c, n] = q
-
-
-@njit(cache=True)
-def add_noise(v, act, amp, Z, cursor, owner):
-    """Read noise of one cycle: every driven row n (``act[n]``) takes the next ``W`` normals
-    of its image's stream ``Z[cursor[owner[n]]:]``: ``v[n, :] += amp[n] * z``."""
-    W = v.shape[1]
-    for n in range(v.shape[0]):
-        if act[n]:
-            k = owner[n]
-            pos = cursor[k]
-            a = amp[n]
-            for j in range(W):
-                v[n, j] += a * Z[pos + j]
-            cursor[k] = pos + W
+                Df[db + i] = d
+                q += d * d
+            af[c * nb + n] = q > 0                # some digit is not 0
+            qf[c * nb + n] = q
 
 
 class NoisyCrossbarGemm(CrossbarGemm):
@@ -384,16 +377,16 @@ class NoisyCrossbarGemm(CrossbarGemm):
         return np.repeat(rng[:, None], self.n_slices, axis=1)
 
     # -- running -------------------------------------------------------------------------------
-    def _rng(self, stream: int, image: int, piece: int) -> np.random.Generator:
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-            [self.seed, self.key, stream, int(image), int(piece)])))
+    def _noise_key(self, stream: int, image: int, piece: int) -> np.ndarray:
+        """The counter-based read-noise key of one image (piece) of this chip and layer."""
+        return stream_key([self.seed, self.key, stream, int(image), int(piece)])
 
     def _psums(self, x, passes):
         if self.parts is not None:
             return self._group_psums(x, passes)
         if self.recording and self.crossbar.adc_range != "calibrated_slice":
             return super()._psums(x, passes)             # per-array fit: the ideal cells
-        x = np.asarray(x).astype(np.int64)
+        x = np.ascontiguousarray(np.asarray(x), dtype=np.int64)
         nb = x.shape[0]
         hi = (1 << self.in_bits) - 1
         if nb and (x.max() > hi or x.min() < (-hi if passes == 2 else 0)):
@@ -406,7 +399,7 @@ class NoisyCrossbarGemm(CrossbarGemm):
         rec = self.recording
         tab = self._range_table()
         levels = (1 << xb.adc_bits) - 1
-        dac, dmask = xb.dac_bits, (1 << xb.dac_bits) - 1
+        dac = xb.dac_bits
         C = xb.input_cycles(self.a_bits, self.a_unsigned)
         O, Q = self.grid.O, len(self.col_set)
         aps, R = self.aps, self.R
@@ -429,18 +422,15 @@ class NoisyCrossbarGemm(CrossbarGemm):
             planes.append(per_pass)
         if sig > 0:
             # one read-noise stream per image (piece): W normals per driven (segment, pass,
-            # cycle, vector), consumed in that order; drawn with one call per image
+            # cycle, vector), at consecutive positions in that order (counter-based: computed
+            # where they are added, pimsim.crossbar.cbrng)
             cut = np.flatnonzero(np.diff(img) | np.diff(piece)) + 1
             bounds = np.concatenate([[0], cut, [nb]])
             owner = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
-            driven = sum(a.sum(0) for per_pass in planes for _, a, _ in per_pass)   # (nb,)
-            counts = np.add.reduceat(driven, bounds[:-1]) * W if nb else np.zeros(0, int)
-            cursor = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            Z = np.empty(int(counts.sum()), dtype=np.float32)
-            for gi, (a, n) in enumerate(zip(bounds[:-1], counts)):
-                if n:
-                    self._rng(self._stream, img[a], piece[a]).standard_normal(
-                        out=Z[cursor[gi]:cursor[gi] + n], dtype=np.float32)
+            cursor = np.zeros(len(bounds) - 1, dtype=np.int64)
+            keys = np.array([self._noise_key(self._stream, img[a], piece[a])
+                             for a in bounds[:-1]], dtype=np.uint64).reshape(-1, 2)
+            K0, K1 = np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1])
         P = np.zeros((self.grid.n_col_blocks, nb, O), dtype=np.float64)
         nclip = 0
         colt = np.repeat(self.col_t, O)                                   # (Q*O,)
@@ -468,9 +458,10 @@ class NoisyCrossbarGemm(CrossbarGemm):
                 for c in range(C):
                     if not on[c]:
                         continue                  # no word line driven: every sum is 0
-                    v = V[c]
+                    v = V[c] if V[c].flags.c_contiguous else np.ascontiguousarray(V[c])
                     if sig > 0:
-                        add_noise(v, act[c], sig * np.sqrt(sq[c]), Z, cursor, owner)
+                        add_read_noise(v, act[c], sig * np.sqrt(sq[c]), K0, K1, cursor, owner,
+                                       KN, WN, FN)
                     if rec:
                         np.maximum.at(self.seen_slice, (g_all, t_all), v.max(0))
                     nclip += adc_accumulate(v, rng_a, st_a, 0 if tab is None else levels,
