@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange, types, uint64
 from numba.extending import intrinsic
 
 
@@ -181,11 +181,15 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
         for i in range(QO):
             stq_s[s, i] = step[garr_s[s, i]]
             thq_s[s, i] = thr[garr_s[s, i]]
+    wkf = wk.reshape(-1)                             # wk C-contiguous (kernel_weights)
+    uQO, uCB, uwords = uint64(QO), uint64(CB), uint64(words)
     nblk = (nb + _BLOCK - 1) // _BLOCK
     for blk in prange(nblk):
         L = np.zeros((passes, QO), dtype=np.int64)
+        Lf = L.reshape(-1)
         Lref = np.zeros((passes, aps, R + 1), dtype=np.int64)
         v = np.zeros((C, QO), dtype=np.int64)        # column sums of every cycle
+        vf = v.reshape(-1)
         act = np.zeros(C, dtype=np.int64)            # active-input count (x bit weight)
         cnz = np.zeros(C, dtype=np.bool_)            # cycle has an active input
         val = np.zeros(O, dtype=np.float64)
@@ -210,6 +214,7 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
                     for d in range(na):
                         c = d // dac_bits
                         sd = d - c * dac_bits
+                        vb = uint64(c) * uQO
                         for w in range(words):
                             xv = xb[n, p, s, d, w]
                             if xv == 0:
@@ -217,25 +222,31 @@ def array_psums(xb, wk, seg_col, col_t, col_sign, cell_bits, dac_bits, col_arr, 
                             act[c] += np.int64(popcount64(xv)) << sd
                             cnz[c] = True
                             for b in range(CB):
-                                for i in range(QO):
-                                    v[c, i] += np.int64(popcount64(xv & wk[s, w, b, i])) << (sd + b)
-                    for i in range(QO):
-                        L[p, i] = 0
+                                # flat unsigned offsets: no wraparound check, the loop vectorizes
+                                wb = ((uint64(s) * uwords + uint64(w)) * uCB + uint64(b)) * uQO
+                                shb = sd + b
+                                for i in range(uQO):
+                                    vf[vb + i] += np.int64(popcount64(xv & wkf[wb + i])) << shb
+                    Lb = uint64(p) * uQO
+                    for i in range(uQO):
+                        Lf[Lb + i] = 0
                     for c in range(C):
                         if not cnz[c]:
                             continue               # all sums 0: level 0, no clip, no record
                         sh = c * dac_bits
+                        vb = uint64(c) * uQO
                         if record:
                             for i in range(QO):
                                 if v[c, i] > seen[n, garr[i]]:
                                     seen[n, garr[i]] = v[c, i]
                         if ideal:
-                            for i in range(QO):
-                                L[p, i] += v[c, i] << sh
+                            for i in range(uQO):
+                                Lf[Lb + i] += vf[vb + i] << sh
                         else:
-                            for i in range(QO):
-                                nclip += v[c, i] > thq[i]
-                                L[p, i] += np.int64(lutf[lbase[i] + v[c, i]]) << sh
+                            for i in range(uQO):
+                                vi = vf[vb + i]
+                                nclip += vi > thq[i]
+                                Lf[Lb + i] += np.int64(lutf[uint64(lbase[i] + vi)]) << sh
                     for a in range(aps):           # reference columns: value x active inputs
                         g = g0 + a
                         for t in range(R):
