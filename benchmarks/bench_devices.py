@@ -26,7 +26,9 @@ with ideal cells is deterministic: one chip) on the test set (all 10,000 images 
 
 - ``c``: wire resistance ``wire_r`` in {1e-6, 1e-5, 3e-5, 1e-4} (fraction of the cell's lowest
   resistance 1/g_max; ``pimsim.crossbar.irdrop`` folded into each array's conductances, ideal
-  cells: one chip per point) for every size of ``--sizes``;
+  cells: one chip per point) for every size of ``--sizes``, with each compensation of
+  ``--c-compensation`` (default none; global / tile: does the drift compensation's
+  reference-vector rescale also undo the IR drop?);
 
 One CSV row per (point, chip) is appended as soon as it is done, through benchmarks/harness.py
 (with its provenance columns); a rerun computes only the missing rows. Writes
@@ -72,8 +74,9 @@ def part_b(sizes):
             for comp in COMPENSATION for name, t in TIMES.items()]
 
 
-def part_c(sizes):
-    return [("c", s, "wire_r", v, {"wire_r": v}, "none") for s in sizes for v in WIRE_R]
+def part_c(sizes, compensations=("none",)):
+    return [("c", s, "wire_r", v, {"wire_r": v}, comp) for comp in compensations
+            for s in sizes for v in WIRE_R]
 
 
 def part_d(sizes):
@@ -191,11 +194,13 @@ def tables(summ: dict) -> list[str]:
     parts = {p["part"] for p in summ.values()}
     sizes = sorted({p["size"] for p in summ.values() if p["part"] in SIZE_TABLES})
 
-    def size_table(part):
+    def size_table(part, comp="none"):
         key, values, title, label, fmt = SIZE_TABLES[part]
+        if comp != "none":
+            title += f", compensation: {comp}"
         rows = ["", title, "", f"| {label} | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
                 "|---|" + "---:|" * len(sizes)]
-        return rows + [f"| {fmt(v)} | " + " | ".join(cell(get(part, s, key, str(v), "none"))
+        return rows + [f"| {fmt(v)} | " + " | ".join(cell(get(part, s, key, str(v), comp))
                                                     for s in sizes) + " |" for v in values]
 
     if "a" in parts:
@@ -207,9 +212,12 @@ def tables(summ: dict) -> list[str]:
         for name in TIMES:
             md.append(f"| {name} | " + " | ".join(cell(get("b", 128, "t_inference", name, c))
                                                   for c in COMPENSATION) + " |")
-    for part in ("c", "d"):
-        if part in parts:
-            md += size_table(part)
+    if "c" in parts:
+        comps = {p["compensation"] for p in summ.values() if p["part"] == "c"}
+        for comp in [c for c in COMPENSATION if c in comps]:
+            md += size_table("c", comp)
+    if "d" in parts:
+        md += size_table("d")
     return md
 
 
@@ -263,6 +271,9 @@ def main(argv=None) -> int:
                     default=sorted(PRESETS), help="array sizes of parts a, c and d")
     ap.add_argument("--instances", type=int, default=5, help="chips per noisy point")
     ap.add_argument("--speed-images", type=int, default=1000)
+    ap.add_argument("--c-compensation", nargs="+", default=["none"], choices=list(COMPENSATION),
+                    help="part c: the drift compensations to run the wire resistances with "
+                         "(tile / global: can the reference-vector rescale undo an IR drop?)")
     common_args(ap, seeds=None)
     args = ap.parse_args(argv)
     bench = Bench(args)
@@ -277,7 +288,9 @@ def main(argv=None) -> int:
     spd = {}
     if "speed" in args.parts and "slowdown_vs_ideal_arrays" not in prev:
         spd = speed(sizes, args.speed_images, 500)
-    points = [pt for part in args.parts if part in PARTS for pt in PARTS[part](args.sizes)]
+    points = [pt for part in args.parts if part in PARTS
+              for pt in (part_c(args.sizes, args.c_compensation) if part == "c"
+                         else PARTS[part](args.sizes))]
     for part, size, key, value, device, comp in points:
         # ideal cells (wires aside) draw nothing at random: every chip is the same
         ideal = Device(**device).cells_ideal
