@@ -797,7 +797,7 @@ def tiled_matmul_reference(wq, xq, scales, grid: TileGrid, act_scale: float, *,
     return y
 
 
-def _blas_pools():
+def blas_pools():
     """threadpoolctl's controller of the BLAS pools loaded in the process other than torch's
     (NumPy's OpenBLAS / MKL, used by the calibration's and searches' NumPy products), or None
     without threadpoolctl."""
@@ -818,7 +818,7 @@ def set_threads(n: int = 0) -> int:
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    pools = _blas_pools()
+    pools = blas_pools()
     if pools is not None:
         pools.limit(limits=n)
     return n
@@ -826,7 +826,7 @@ def set_threads(n: int = 0) -> int:
 
 def blas_threads() -> dict:
     """{library file name: threads} of NumPy's BLAS pools (empty without threadpoolctl)."""
-    pools = _blas_pools()
+    pools = blas_pools()
     if pools is None:
         return {}
     return {os.path.basename(p.filepath): p.num_threads for p in pools.lib_controllers}
@@ -838,7 +838,7 @@ def threads(n: int = 0):
     Numba and NumPy's BLAS (``set_threads``), then put the counts back as they were, also on
     an exception. ``used`` is the count set."""
     before_torch, before_numba = torch.get_num_threads(), numba.get_num_threads()
-    pools = _blas_pools()
+    pools = blas_pools()
     before_blas = pools.info() if pools is not None else []
     try:
         yield set_threads(n)

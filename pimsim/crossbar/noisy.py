@@ -58,14 +58,12 @@ never its conductances.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
-import os
 import zlib
 
 import numpy as np
 from numba import njit, uint64
 
+from ..kernels import blas_pools
 from .arrays import CrossbarGemm, adc_tables
 from .cbrng import FN, KN, WN, add_read_noise, stream_key
 from .mapping import adc_conversions
@@ -80,43 +78,17 @@ def layer_key(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _openblas():
-    """(get, set) of the thread count of NumPy's bundled OpenBLAS, or None if not found."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get, put in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                         ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-                         ("openblas_get_num_threads", "openblas_set_num_threads")):
-            if hasattr(lib, get) and hasattr(lib, put):
-                g, p = getattr(lib, get), getattr(lib, put)
-                g.restype = ctypes.c_int
-                p.argtypes = [ctypes.c_int]
-                return g, p
-    return None
-
-
-_BLAS = _openblas()
-
-
 @contextlib.contextmanager
 def single_thread_blas():
     """The analog products are thin (a few hundred columns): multi-threaded OpenBLAS gains
     little on them and spin-waits badly on a shared machine, so they run on one BLAS thread
-    (the caller's count is put back)."""
-    if _BLAS is None:
+    (NumPy's BLAS pools through threadpoolctl; the caller's counts are put back)."""
+    pools = blas_pools()
+    if pools is None:
         yield
         return
-    get, put = _BLAS
-    n = get()
-    put(1)
-    try:
+    with pools.limit(limits=1):
         yield
-    finally:
-        put(n)
 
 
 def _column_sums(d: np.ndarray, G: np.ndarray) -> np.ndarray:
