@@ -229,11 +229,15 @@ def plot(summ: dict, path: Path) -> None:
     for part, ax, key in (("a", axes[0], "programming_noise"), ("c", axes[2], "wire_r"),
                           ("d", axes[3], "stuck")):
         for s in sorted({p["size"] for p in summ.values() if p["part"] == part}):
-            pts = sorted((float(p["value"]), p) for p in summ.values()
-                         if p["part"] == part and p["size"] == s)
-            ax.errorbar([v for v, _ in pts], [100 * p["mean"] for _, p in pts],
-                        yerr=[100 * p["sd"] for _, p in pts], marker="o", capsize=3,
-                        label=f"{s}x{s}")
+            for comp in COMPENSATION:           # part c may hold compensated rows too
+                pts = sorted(((float(p["value"]), p) for p in summ.values()
+                              if p["part"] == part and p["size"] == s
+                              and p["compensation"] == comp), key=lambda t: t[0])
+                if pts:
+                    ax.errorbar([v for v, _ in pts], [100 * p["mean"] for _, p in pts],
+                                yerr=[100 * p["sd"] for _, p in pts], marker="o", capsize=3,
+                                ls="-" if comp == "none" else "--",
+                                label=f"{s}x{s}" + ("" if comp == "none" else f" ({comp})"))
         ax.set_xlabel(key)
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
