@@ -101,29 +101,18 @@ def _slow(k0, k1, pos, hz, iz, kn, wn, fn):
             return hz * wn[iz]
 
 
-# The fast path (98.8 % of draws), mix64 included, is written out in each kernel below and the
+# The fast path (98.8 % of draws), mix64 included, is written out in the kernel below and the
 # tables are arguments: a call into another cached Numba function is not inlined, and the
-# kernels ran 5-25x slower that way.
+# kernel ran 5-25x slower that way.
 
 def normals(k0, k1, pos0, out):
-    """``out[i]`` = the standard normal at position ``pos0 + i`` (uint64) of stream (k0, k1)."""
-    _normals(np.uint64(k0), np.uint64(k1), np.uint64(pos0), out, KN, WN, FN)
-
-
-@njit(cache=True)
-def _normals(k0, k1, pos0, out, kn, wn, fn):
-    for i in range(out.shape[0]):
-        pos = pos0 + uint64(i)
-        b = k0 + (pos + uint64(1)) * _GAMMA                   # mix64, written out
-        b = (b ^ (b >> uint64(30))) * _M1
-        b = (b ^ (b >> uint64(27))) * _M2
-        b = b ^ (b >> uint64(31))
-        iz = np.int64(b & uint64(127))
-        hz = np.int64(b >> uint64(32)) - 2147483648
-        if abs(hz) < kn[iz]:
-            out[i] = hz * wn[iz]
-        else:
-            out[i] = _slow(k0, k1, pos, hz, iz, kn, wn, fn)
+    """``out[i]`` = the standard normal at position ``pos0 + i`` of stream (k0, k1): the draws
+    ``add_read_noise`` adds (the same kernel, on one row with amplitude 1)."""
+    v = np.zeros((1, out.shape[0]))
+    add_read_noise(v, np.ones(1, np.bool_), np.ones(1), np.array([k0], np.uint64),
+                   np.array([k1], np.uint64), np.array([pos0], np.int64), np.zeros(1, np.int64),
+                   KN, WN, FN)
+    out[:] = v[0]
 
 
 @njit(cache=True)
