@@ -23,10 +23,9 @@ class KernelBackend(IntegerBackend):
         """On the int8 path, Eq. 1 straight into the int8 channels-last input the im2col
         reads (one pass; the same integers as ``layer.quantize_input``)."""
         q = layer.quant
-        if self.op.path == "int8" and x.dtype == torch.float32 and x.dim() == 4:
+        if self.op.path == "int8" and x.dtype == torch.float32:   # int8 path: the range fits
             lo, hi = act_qrange(q.a_bits, q.symmetric, q.act_unsigned)
-            if -128 <= lo and hi <= 127:
-                return quantize_int8_channels_last(x, q.act_scale, lo, hi)
+            return quantize_int8_channels_last(x, q.act_scale, lo, hi)
         return layer.quantize_input(x)
 
     def gemm(self, xq, act_scale, bias):

@@ -430,7 +430,7 @@ class NoisyCrossbarGemm(CrossbarGemm):
                 for c in range(C):
                     if not on[c]:
                         continue                  # no word line driven: every sum is 0
-                    v = V[c] if V[c].flags.c_contiguous else np.ascontiguousarray(V[c])
+                    v = np.ascontiguousarray(V[c])          # a view when it is one
                     if sig > 0:
                         add_read_noise(v, act[c], sig * np.sqrt(sq[c]), K0, K1, cursor, owner,
                                        KN, WN, FN)
