@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     if mapping is not None:
         result["arrays"], result["utilization"] = mapping.arrays, mapping.utilization
     bench.write_json(json_name, result, merge=True)
-    bench.write_md(f"{stem}.md", md)
+    bench.write_md(f"{stem}.md", md, rows=res.rows())
     return 0
 
 

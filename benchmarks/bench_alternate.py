@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             r = np.array([float(x["ratio"]) for x in rows])
             log(f"{tile} seed {seed}: median ratio {np.median(r):.4f}, max {r.max():.4f}, "
                 f"min {r.min():.4f}")
-    bench.write_md(f"alternate-{args.model}.md", markdown(res.rows(), args.model))
+    bench.write_md(f"alternate-{args.model}.md", markdown(res.rows(), args.model), rows=res.rows())
     return 0
 
 

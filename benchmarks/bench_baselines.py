@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         res.append({"point": point_name(seed, wb, method, g), "model": args.model, "wbits": wb,
                     "abits": args.abits, "calibration": method, "granularity": g, "seed": seed,
                     **got})
-    bench.write_md(f"{stem}.md", markdown(res.rows(), args.model))
+    bench.write_md(f"{stem}.md", markdown(res.rows(), args.model), rows=res.rows())
     return 0
 
 

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         lines.append(f"| {POINTS[name][0]} | {' '.join(sorted(r['seed'] for r in rs))} | "
                      f"{pm([r['top1'] for r in rs])} | {pm(diffs, signed=True)} | {rs[0]['scales']} | "
                      f"{rs[0]['arrays']} | {rs[0]['energy_nj']} |")
-    bench.write_md(f"byom-mobilenet_cifar{suffix}.md", lines)
+    bench.write_md(f"byom-mobilenet_cifar{suffix}.md", lines, rows=res.rows())
     return 0
 
 

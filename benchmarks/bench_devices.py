@@ -331,7 +331,7 @@ def main(argv=None) -> int:
         plot(summ, bench.out / f"{stem}.png")
     bench.write_json("devices.json", {**spd, "model": args.model, "csv": res.path.name,
                                       "points": summ}, merge=True)
-    bench.write_md(f"{stem}.md", md)
+    bench.write_md(f"{stem}.md", md, rows=res.rows())
     return 0
 
 

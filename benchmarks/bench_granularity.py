@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         scales = {_gkey(r): r["scales"] for r in rows}
         md += ["| granularity | scales | top-1 |", "|---|---:|---:|"]
         md += [f"| {k[0]} | {scales[k]} | {pm(acc[k].values())} |" for k in extra]
-    bench.write_md(f"{stem}.md", md)
+    bench.write_md(f"{stem}.md", md, rows=res.rows())
     return 0
 
 

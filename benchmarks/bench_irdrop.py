@@ -131,7 +131,7 @@ def main(argv=None) -> None:
                 log(f"{name}: drop max {row['drop_max']}, decoupled max {row['decoupled_max']}, "
                     f"coupled max {row['coupled_max']}, exact {row['exact_s']} s, coupled "
                     f"{row['coupled_s']} s")
-    bench.write_md("irdrop.md", table(res.rows()))
+    bench.write_md("irdrop.md", table(res.rows()), rows=res.rows())
 
 
 if __name__ == "__main__":

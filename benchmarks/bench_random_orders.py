@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     done = by_point(res.rows())
     title = f"{args.model} W{args.wbits}A{args.abits} Method 2 r={args.r} m={args.m}"
     plot(done, f"{title}, {len(images)} test images", bench.out / f"{stem}.png")
-    bench.write_md(f"{stem}.md", summary(done, title, len(images)))
+    bench.write_md(f"{stem}.md", summary(done, title, len(images)), rows=res.rows())
     return 0
 
 

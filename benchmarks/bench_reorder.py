@@ -260,7 +260,8 @@ def main(argv=None) -> int:
                     "calibration_s": f"{calib_s:.1f}", "search_s": search_s,
                     "images": len(images), "detail": detail})
     ro.reset()
-    bench.write_md(f"reorder-{args.model}{suffix}.md", markdown(res.rows(), args.model, rdef))
+    bench.write_md(f"reorder-{args.model}{suffix}.md", markdown(res.rows(), args.model, rdef),
+                   rows=res.rows())
     return 0
 
 

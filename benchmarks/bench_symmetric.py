@@ -147,7 +147,8 @@ def main(argv=None) -> int:
                 res.append(row)
                 done[(str(seed), str(wb), t, v)] = {k: str(x) for k, x in row.items()}
                 log(f"seed {seed} W{wb} {t} {v}: {100 * top1:.2f}%")
-    bench.write_md(f"symmetric-{args.model}{suffix}.md", markdown(by_point(res.rows()), args.model))
+    bench.write_md(f"symmetric-{args.model}{suffix}.md", markdown(by_point(res.rows()), args.model),
+                   rows=res.rows())
     return 0
 
 

@@ -142,9 +142,15 @@ class Bench:
         tmp.replace(path)
         return path
 
-    def write_md(self, name: str, lines: list[str], echo: bool = True) -> Path:
+    def write_md(self, name: str, lines: list[str], echo: bool = True, rows=None) -> Path:
+        """Write ``lines`` and the provenance footer to ``out/name``. ``rows``: the CSV rows
+        the table was made from; their commits are named under the footer (a table made at
+        one commit from rows computed at others must say so)."""
         path = self.out / name
-        text = "\n".join(lines + ["", footer(self.prov)]) + "\n"
+        tail = [footer(self.prov)]
+        if rows is not None:
+            tail.append(rows_provenance(rows))
+        text = "\n".join(lines + [""] + tail) + "\n"
         path.write_text(text)
         if echo:
             print(text)
@@ -175,6 +181,25 @@ class Results:
 
     def rows(self) -> list[dict]:
         return read_results(self.path, self.columns)[0]
+
+
+def rows_provenance(rows) -> str:
+    """A markdown line naming the commit(s) the table's rows were computed at, with row
+    counts and dates; several commits are flagged (compare rows of one commit only)."""
+    by = {}
+    for r in rows:
+        c = r.get("commit") or "unknown"
+        by.setdefault(c, []).append(str(r.get("date") or "")[:10])
+    if not by:
+        return "No rows computed yet."
+    parts = []
+    for c, dates in sorted(by.items(), key=lambda kv: min(kv[1])):
+        span = min(dates) if min(dates) == max(dates) else f"{min(dates)} to {max(dates)}"
+        parts.append(f"`{c}` ({len(dates)} row{'s' if len(dates) != 1 else ''}, {span})")
+    if len(parts) == 1:
+        return f"Every row of the table was computed at commit {parts[0]}."
+    return (f"The table's rows were computed at {len(parts)} commits (rows of different "
+            f"commits may differ because the code did): " + "; ".join(parts) + ".")
 
 
 def mean_sd(values) -> tuple[float, float]:

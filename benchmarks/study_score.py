@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         md += [f"| {r['order']} | {float(r['gram']):.4g} | {float(r['output']):.4g} | "
                f"{100 * float(r['top1']):.2f} |"
                for r in sorted(rs, key=lambda r: float(r["gram"]))]
-    bench.write_md(f"{name}.md", md)
+    bench.write_md(f"{name}.md", md, rows=res.rows())
     return 0
 
 

@@ -61,6 +61,36 @@ def test_every_markdown_result_names_its_provenance(path):
     assert "at commit `" in text and "Produced by `" in text, f"{path}: no provenance footer"
 
 
+_TABLES = [p for p in _results("md") if p.with_suffix(".csv").is_file()]
+
+
+@pytest.mark.parametrize("path", _TABLES, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_markdown_table_names_every_commit_its_rows_came_from(path):
+    """A table made from a CSV whose rows were computed at several commits must name them all
+    (a footer naming only the commit that wrote the markdown hid mixed-code tables)."""
+    with path.with_suffix(".csv").open() as f:
+        commits = {row["commit"] for row in csv.DictReader(f)}
+    text = path.read_text()
+    missing = sorted(c[:12] for c in commits if c not in text)
+    assert not missing, f"{path}: rows from commit(s) {missing} not named"
+    if len(commits) > 1:
+        assert f"computed at {len(commits)} commits" in text, f"{path}: mixed commits not flagged"
+
+
+def test_rows_provenance_names_each_commit():
+    harness = pytest.importorskip("harness")
+    one = [{"commit": "a" * 40, "date": "2026-12-03T01:00:00"},
+           {"commit": "a" * 40, "date": "2026-12-04T01:00:00"}]
+    assert harness.rows_provenance(one) == (
+        f"Every row of the table was computed at commit `{'a' * 40}` (2 rows, 2026-12-03 to "
+        "2026-12-04).")
+    two = one + [{"commit": "b" * 40, "date": "2026-12-02T09:00:00"}]
+    line = harness.rows_provenance(two)
+    assert "computed at 2 commits" in line
+    assert line.index("b" * 40) < line.index("a" * 40)          # oldest first
+    assert "(1 row, 2026-12-02)" in line
+
+
 def test_git_commit_is_the_checkout_head_and_sees_dirty_code(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
