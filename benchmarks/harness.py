@@ -196,10 +196,14 @@ def rows_provenance(rows) -> str:
     for c, dates in sorted(by.items(), key=lambda kv: min(kv[1])):
         span = min(dates) if min(dates) == max(dates) else f"{min(dates)} to {max(dates)}"
         parts.append(f"`{c}` ({len(dates)} row{'s' if len(dates) != 1 else ''}, {span})")
+    note = ""
+    if any("provenance reconstructed" in str(r.get("command", "")) for r in rows):
+        note = (" Some rows' provenance is reconstructed from git history (see the CSV's "
+                "command column).")
     if len(parts) == 1:
-        return f"Every row of the table was computed at commit {parts[0]}."
+        return f"Every row of the table was computed at commit {parts[0]}.{note}"
     return (f"The table's rows were computed at {len(parts)} commits (rows of different "
-            f"commits may differ because the code did): " + "; ".join(parts) + ".")
+            f"commits may differ because the code did): " + "; ".join(parts) + "." + note)
 
 
 def mean_sd(values) -> tuple[float, float]:
