@@ -125,3 +125,16 @@ def test_irdrop_markdown_and_readme_follow_from_its_csv():
     assert table == _body(RESULTS / "irdrop.md")
     readme = (ROOT / "README.md").read_text()
     assert all(line in readme for line in table if line.startswith("| "))
+
+
+def test_reproduce_rows_picks_older_commits_evenly_and_reads_both_layouts():
+    rr = _module("reproduce_rows")
+    rows = ([{"point": f"a{i}", "commit": "A"} for i in range(6)]
+            + [{"point": "h0", "commit": "HEAD"}] + [{"point": "b0", "commit": "B"}])
+    got = [r["point"] for r in rr.pick(rows, "HEAD", 3)]
+    assert got == ["a0", "a2", "a4", "b0"]          # every 2nd of A's six, B's only row, no HEAD
+    assert rr.row_granularity({"method": "method2", "r": "4", "c": "", "m": "4"}) == \
+        ("method2", "4", None, "4")
+    assert rr.row_granularity({"granularity": "tile 128x128"}) == ("method1", 128, 128, None)
+    with pytest.raises(ValueError, match="not one of"):
+        rr.row_granularity({"granularity": "tile 3x3", "point": "p"})
