@@ -49,6 +49,7 @@ pixel-major input of a convolution directly, so a conv layer needs no transposit
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import numba
@@ -418,6 +419,74 @@ def quantize_int8_channels_last(x: torch.Tensor, scale: float, lo: int, hi: int)
     else:                                           # e.g. a float first layer's NCHW output
         _quantize_cl(xh, float(scale), float(lo), float(hi), out)
     return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+@njit(parallel=True, cache=True)
+def _fake_quant_flat(x, s, lo, hi, out):
+    """out[i] = float32(clamp(rint(x[i] / float32(s)), lo, hi)) * float32(s): the fake-quant
+    input of ``GemmLayer`` (torch's float32 division, round half to even, float32 product) in
+    one pass instead of four."""
+    sf = np.float32(s)
+    lof = np.float32(lo)
+    hif = np.float32(hi)
+    n = x.shape[0]
+    BS = 4096
+    for blk in prange((n + BS - 1) // BS):
+        for i in range(uint64(blk * BS), uint64(min(n, blk * BS + BS))):
+            v = np.rint(x[i] / sf)
+            out[i] = min(max(v, lof), hif) * sf
+
+
+SUM_BLOCK = 8192          # elements per partial sum of sq_diff_sum (fixed: thread-count free)
+
+
+@njit(parallel=True, cache=True)
+def _sq_diff_blocks(a, b, out):
+    """out[k] = sum over block k of float64(float32(a[i] - b[i]))^2."""
+    n = a.shape[0]
+    for blk in prange(out.shape[0]):
+        acc = 0.0
+        for i in range(uint64(blk * SUM_BLOCK), uint64(min(n, blk * SUM_BLOCK + SUM_BLOCK))):
+            d = np.float64(a[i] - b[i])
+            acc += d * d
+        out[blk] = acc
+
+
+def _flat(t: torch.Tensor):
+    """The float32 storage of a dense tensor (contiguous in some memory format) as a flat
+    numpy view, or None."""
+    if t.dtype != torch.float32 or not (t.is_contiguous() or (
+            t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    return t.detach().as_strided((t.numel(),), (1,)).numpy()
+
+
+def fake_quant_act(x: torch.Tensor, scale: float, lo: int, hi: int) -> torch.Tensor:
+    """``clamp(round(x / scale), lo, hi) * scale`` of a float32 tensor, bit for bit the
+    fake-quant input ``GemmLayer`` computes with four torch passes (float32 division, round half
+    to even, float32 product), in one pass and in ``x``'s memory format."""
+    xf = _flat(x)
+    if xf is None:
+        q = torch.div(x, scale).round_().clamp_(lo, hi)
+        return q.mul_(np.float32(scale))
+    out = torch.empty_like(x)
+    _fake_quant_flat(xf, float(scale), float(lo), float(hi), _flat(out))
+    return out
+
+
+def sq_diff_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``sum((a - b)^2)`` of two float32 tensors of one shape: the difference in float32 (as
+    ``a - b``), its squares summed in float64. Partial sums over fixed blocks of SUM_BLOCK
+    elements, added in block order: the result does not depend on the thread count."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+    af, bf = _flat(a), _flat(b)
+    if af is None or bf is None or a.stride() != b.stride():
+        d = (a - b).to(torch.float64)
+        return float(torch.sum(d * d))
+    parts = np.empty((af.shape[0] + SUM_BLOCK - 1) // SUM_BLOCK, dtype=np.float64)
+    _sq_diff_blocks(af, bf, parts)
+    return float(math.fsum(parts))
 
 
 def _channels_last(x) -> np.ndarray:

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kernels import fake_quant_act, im2col_rows, sq_diff_sum
 from .network import GemmLayer, LayerQuant
 from .quant import (Granularity, TileGrid, act_max_scale, act_qrange, max_scales,
                     qrange, quantize_weight)
@@ -164,6 +165,8 @@ class LayerProblem:
     """A layer, its calibration input ``x`` and float target ``Y*``: outputs, metrics and the
     im2col statistics the weight search needs."""
 
+    conv_rows = True    # convs: statistics from im2col rows (False: the column path, the tests' reference)
+
     def __init__(self, layer: GemmLayer, x: torch.Tensor, target: torch.Tensor, a_bits: int,
                  symmetric: bool = False, unsigned: bool = False):
         self.layer = layer
@@ -191,7 +194,7 @@ class LayerProblem:
     def output(self, w: np.ndarray, s: float) -> torch.Tensor:
         """Layer output with O x K weights ``w`` and input quantized with scale ``s`` (the
         fake-quant path: float32 operands, as ``GemmLayer.fake_forward``)."""
-        xin = self.quantize_input(s).mul_(np.float32(s))
+        xin = fake_quant_act(self.x, s, self.lo, self.hi)        # one pass, same values
         wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         wt = wt.reshape(self.layer.weight.shape)
         if self.layer.kind == "conv":
@@ -203,7 +206,7 @@ class LayerProblem:
         if y.layout == torch.strided and y.dim() == 4:
             y = y.contiguous(memory_format=torch.channels_last)
         if metric == "euclidean":
-            return float(torch.linalg.vector_norm(self.target - y, dtype=torch.float64))
+            return math.sqrt(sq_diff_sum(self.target, y))
         t64, y64 = self.target.to(torch.float64), y.to(torch.float64)
         dot = float(torch.sum(t64 * y64))
         return _one_minus_cos(dot, float(torch.sum(y64 * y64)), self.t2)
@@ -253,6 +256,8 @@ class LayerProblem:
         the dict then has ``groups = g``."""
         if self.groups > 1:
             return self._gram_stats_grouped(s)
+        if self.layer.kind == "conv" and self.conv_rows:
+            return self._gram_stats_conv(s)
         q = self.quantize_input(s)
         K, O = self.K, self.O
         H = torch.zeros(K, K, dtype=torch.float64)
@@ -283,6 +288,59 @@ class LayerProblem:
             yy += (T64 * T64).sum(1)
         return {"H": (H * (s * s)).numpy(), "Gs": (Gs * s).numpy(), "u": (u * s).numpy(),
                 "ys": ys.numpy(), "yy": yy.numpy(), "N": n_cols}
+
+    def _gram_stats_conv(self, s: float) -> dict:
+        """``gram_stats`` of an ungrouped convolution from the pixel-major im2col rows
+        ``R = X^T`` of ``kernels.im2col_rows`` (Numba) and the channels-last target read as
+        rows ``T^T`` without a copy: the same statistics (H and u exact integer sums, as in the
+        column path; Gs, ys, yy float64 products and sums of the same terms)."""
+        q = self.quantize_input(s)
+        l = self.layer
+        xh = q.permute(0, 2, 3, 1).numpy()
+        if not xh.flags.c_contiguous:
+            xh = np.ascontiguousarray(xh)
+        B, Hh, Ww, _ = xh.shape
+        ho, wo = l.out_hw(Hh, Ww)
+        P = ho * wo
+        K, O = self.K, self.O
+        geom = (tuple(l.kernel_size), tuple(l.stride), tuple(l.padding), tuple(l.dilation))
+        H = torch.zeros(K, K, dtype=torch.float64)
+        Gs = torch.zeros(O, K, dtype=torch.float64)
+        u = torch.zeros(K, dtype=torch.float64)
+        ys = torch.zeros(O, dtype=torch.float64)
+        yy = torch.zeros(O, dtype=torch.float64)
+        step = _exact_f32_columns(self.a_bits, self.unsigned)
+        per = max(1, min(B, (1 << 21) // (K * P)))          # ~8 MB float32 chunks
+        # buffers reused across chunks: a fresh allocation per chunk (page faults) cost more
+        # than the conversions themselves
+        buf = np.empty((per * P, K), dtype=np.float32)
+        buf64 = torch.empty(per * P, K, dtype=torch.float64)
+        tbuf64 = torch.empty(per * P, O, dtype=torch.float64)
+        ones = torch.ones(per * P, dtype=torch.float64)
+        tgt = self.target.permute(0, 2, 3, 1)                 # B x ho x wo x O
+        for b0 in range(0, B, per):
+            b1 = min(B, b0 + per)
+            M = (b1 - b0) * P
+            im2col_rows(xh, geom, b0 * P, buf[:M])
+            Rt = torch.from_numpy(buf[:M])
+            R64 = buf64[:M].copy_(Rt)
+            if step >= 1:           # integer partial sums <= 2^24 per GEMM: exact in float32
+                full = M // step
+                if full:
+                    Rv = Rt[:full * step].reshape(full, step, K)
+                    H += torch.bmm(Rv.transpose(1, 2), Rv).sum(0, dtype=torch.float64)
+                if full * step < M:
+                    Rr = Rt[full * step:]
+                    H += (Rr.t() @ Rr).to(torch.float64)
+            else:
+                H += R64.t() @ R64
+            T64 = tbuf64[:M].copy_(tgt[b0:b1].reshape(M, O))
+            Gs += T64.t() @ R64
+            u += torch.mv(R64.t(), ones[:M])                  # integer sums: exact, any order
+            ys += T64.sum(0)
+            yy += (T64 * T64).sum(0)
+        return {"H": (H * (s * s)).numpy(), "Gs": (Gs * s).numpy(), "u": (u * s).numpy(),
+                "ys": ys.numpy(), "yy": yy.numpy(), "N": B * P}
 
     def _gram_stats_grouped(self, s: float) -> dict:
         q = self.quantize_input(s)

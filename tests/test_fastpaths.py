@@ -155,3 +155,91 @@ def test_set_threads_reaches_numpys_blas_pool():
         assert all(n == 1 for n in blas())          # put back after the block
     finally:
         set_threads(before)
+
+
+# ---------------------------------------------------------------- calibration's fused passes
+
+@pytest.mark.parametrize("s, lo, hi", [(0.0123456789, -128, 127), (0.3, 0, 255),
+                                       (2.5e-3, -8, 7)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "strided"])
+def test_fake_quant_act_equals_the_four_torch_passes(s, lo, hi, layout):
+    from pimsim.kernels import fake_quant_act
+    rng = np.random.default_rng(1)
+    v = _tie_values(rng, s, 20_000)
+    n = len(v) // 60 * 60
+    x = torch.from_numpy(v[:n].copy()).reshape(-1, 3, 4, 5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "2d":
+        x = x.reshape(-1, 60)
+    elif layout == "strided":
+        x = x[:, :, :, ::2]                       # not dense: the torch fallback
+    want = torch.div(x, s).round_().clamp_(lo, hi).mul_(np.float32(s))
+    got = fake_quant_act(x, s, lo, hi)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert torch.equal(got, want)
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    # a float64 product (or float64 division) would differ on these values
+    f64 = (torch.div(x, s).round_().clamp_(lo, hi).double() * s).float()
+    assert not torch.equal(f64, want) or s == 2.5e-3
+
+
+def test_sq_diff_sum_against_float64_reference_and_thread_count():
+    from pimsim import kernels
+    rng = np.random.default_rng(2)
+    a = torch.from_numpy(rng.standard_normal((7, 5, 33, 41)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((7, 5, 33, 41)).astype(np.float32))
+    a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    d = (a - b).double().numpy().ravel()                   # float32 difference, as a - b
+    want = float(np.sum(d * d, dtype=np.float64))
+    got = kernels.sq_diff_sum(a, b)
+    assert got == pytest.approx(want, rel=1e-13)
+    # float32 accumulation is visibly off: the float64 sum matters
+    f32 = float(np.sum((a - b).numpy().ravel() ** 2, dtype=np.float32))
+    assert abs(f32 - want) > abs(got - want)
+    with kernels.threads(1):
+        one = kernels.sq_diff_sum(a, b)
+    with kernels.threads(2):
+        two = kernels.sq_diff_sum(a, b)
+    assert one == two == got                               # fixed blocks: thread-count free
+    # mixed layouts take the torch fallback, same value up to summation order
+    assert kernels.sq_diff_sum(a, b.contiguous()) == pytest.approx(want, rel=1e-13)
+    with pytest.raises(ValueError, match="shapes differ"):
+        kernels.sq_diff_sum(a, b[:1])
+
+
+@pytest.mark.parametrize("geom", [((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)),
+                                  ((1, 1), (2, 2), (0, 0), (1, 1)), ((3, 2), (1, 1), (2, 0), (2, 1))])
+@pytest.mark.parametrize("a_bits, unsigned", [(8, False), (8, True), (4, False)])
+def test_gram_stats_from_im2col_rows_equal_the_column_path(geom, a_bits, unsigned):
+    """The row path (Numba im2col, channels-last target rows) gives the statistics of the column
+    path (strided views, the reference) bit for bit, and H and u equal a float64 numpy
+    computation from F.unfold (independent of both)."""
+    from pimsim.network import GemmLayer
+    from pimsim.ptqsl import LayerProblem
+    torch.manual_seed(0)
+    ks, st_, pd, dl = geom
+    conv = torch.nn.Conv2d(6, 10, ks, stride=st_, padding=pd, dilation=dl)
+    layer = GemmLayer("c", conv)
+    x = torch.randn(37, 6, 11, 13)                # 37 images: several chunks of uneven size
+    if unsigned:
+        x = x.abs()
+    y = conv(x).detach()
+    prob = LayerProblem(layer, x, y, a_bits, unsigned=unsigned)
+    s = float(x.abs().max()) / (2 ** (a_bits - 1)) * 0.6
+    old_chunk = LayerProblem.conv_rows
+    try:
+        LayerProblem.conv_rows = True
+        rows = prob.gram_stats(s)
+        LayerProblem.conv_rows = False
+        cols = prob.gram_stats(s)
+    finally:
+        LayerProblem.conv_rows = old_chunk
+    for k in ("H", "Gs", "u", "ys", "yy"):
+        assert np.array_equal(rows[k], cols[k]), k
+    assert rows["N"] == cols["N"]
+    q = prob.quantize_input(s).double()
+    X = F.unfold(q, ks, dilation=dl, padding=pd, stride=st_).permute(1, 0, 2).reshape(q.shape[1] * ks[0] * ks[1], -1).numpy()
+    assert np.array_equal(rows["H"], (X @ X.T) * (s * s))
+    assert np.array_equal(rows["u"], X.sum(1) * s)
