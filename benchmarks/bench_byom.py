@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 f"eval {out['eval_s']:.0f} s")
     rows = res.rows()
     fp = sorted({r["fp_top1"] for r in rows})
-    lines = [f"# Bring your own model: MobileNetV2-style CIFAR-10 net (examples/mobilenet_cifar.py)",
+    lines = ["# Bring your own model: MobileNetV2-style CIFAR-10 net (examples/mobilenet_cifar.py)",
              "",
              f"Float top-1: {', '.join(f'{100 * float(v):.2f} %' for v in fp)} "
              f"({rows[0]['images'] if rows else '-'} test images; weights sha256 {digest[:12]}). "

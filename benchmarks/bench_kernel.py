@@ -281,7 +281,6 @@ def main(argv=None):
                       f"kernel {row['kernel_gops']:7.1f} GOPS  fp32 {row['fp32_gops']:7.1f} GOPS  "
                       f"ratio {row['ratio']:.2f}  (other load {other:.2f} CPUs, {len(tries)} tries)",
                       flush=True)
-            del w32, x32, xq
 
     ratios = [r["ratio"] for r in rows]
     summary = {

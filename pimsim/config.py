@@ -24,7 +24,6 @@ from .methods import get_method, method_names
 from .ptqsl import DEFAULTS as SEARCH_DEFAULTS
 from .ptqsl import check_params as check_search_params
 from .quant import ACT_SIGNED, Granularity, MAX_BITS, MIN_BITS
-from .reorder.search import METHODS as REORDER_METHODS
 from .reorder.search import ReorderParams
 from .schema import (Key, boolean, int_in, keys_of, non_empty_str, one_of, optional,
                      setting)

@@ -17,7 +17,7 @@ from pimsim.calibrate import calibrate
 from pimsim.config import ConfigError, load, validate
 from pimsim.cost import CostParams, layer_cost, probe_unsigned
 from pimsim.crossbar import Crossbar, CrossbarGemm, LayerSpec, attach, map_layer
-from pimsim.kernels import TiledGemm, combine_nk, plan_path, tiled_matmul_reference, use_int8
+from pimsim.kernels import TiledGemm, combine_nk, plan_path, tiled_matmul_reference
 from pimsim.network import LayerQuant, build_network
 from pimsim.quant import Granularity, TileGrid, act_max_scale, act_qrange, act_unsigned
 

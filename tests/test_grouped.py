@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pimsim import reorder as R
 from pimsim.calibrate import calibrate
 from pimsim.cost import LayerShape, network_cost
-from pimsim.crossbar import Crossbar, CrossbarGemm, LayerSpec, Mapping, map_layer
+from pimsim.crossbar import Crossbar, CrossbarGemm, LayerSpec, map_layer
 from pimsim.crossbar.attach import array_op, attach
 from pimsim.kernels import TiledGemm, partial_sums_reference
 from pimsim.network import GemmLayer, LayerQuant, build_network
