@@ -101,13 +101,14 @@ class Bench:
         return to_tensor(calibration_set(prep.cfg["quant.calib_images"], seed, prep.data_dir)[0])
 
     def point(self, prep, gran: Granularity, wbits: int, abits: int, method: str, seed: int,
-              mode: str = "fake") -> dict:
+              mode: str = "fake", params: dict | None = None) -> dict:
         """Calibrate ``prep.net`` (first and last layer in float) and measure top-1 on the
-        test set in ``mode``: ``{"top1", "scales", "calibration_s", "images"}``."""
+        test set in ``mode``: ``{"top1", "scales", "calibration_s", "images"}``. ``params``:
+        search parameters over the config's (``quant.search.*``)."""
         net = prep.net
         t0 = time.perf_counter()
         calibrate(net, self.calibration(prep, seed), gran, wbits, abits, method=method,
-                  progress=False, params=calibration_params(prep.cfg))
+                  progress=False, params={**calibration_params(prep.cfg), **(params or {})})
         calib_s = time.perf_counter() - t0
         net.set_mode(mode)
         images, labels = self.test_set(prep)

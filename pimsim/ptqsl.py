@@ -88,6 +88,9 @@ class SearchParams:
     alternate: int = setting(1, "rounds of {Algorithm 1, activation search}: 1 = the paper's "
                              "pipeline; more: repeat both (Algorithm 1 from the current scales) "
                              "until neither changes")
+    start: str = setting("act", "act: step 1 searches s_x with float weights (the paper); "
+                         "max: Algorithm 1 first, at the max-calibrated s_x (PTQ4ViT's order); "
+                         "best: run both, keep the lower layer-output error")
     symmetric: bool = setting(False, "integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)")
     act_unsigned: bool = setting(False, "activations in [0, 2^b - 1] (set per layer by "
                                  "pimsim.calibrate from quant.act_signed)")
@@ -97,6 +100,7 @@ DEFAULTS = defaults_of(SearchParams)
 MODES = ("gram", "direct")
 METRICS = ("euclidean", "cosine")
 ACT_SEARCHES = ("golden", "grid")
+STARTS = ("act", "max", "best")
 
 TOL_EUCLID = 1e-11          # numerical ties, relative to the row block's output energy
 TOL_COSINE = 1e-12          # numerical ties of 1 - cos
@@ -139,7 +143,8 @@ def check_params(params: dict | None) -> dict:
         if not isinstance(p[k], (bool, np.bool_)):
             raise ValueError(f"{k} must be true or false, got {p[k]!r}")
         p[k] = bool(p[k])
-    for k, allowed in (("mode", MODES), ("metric", METRICS), ("act_search", ACT_SEARCHES)):
+    for k, allowed in (("mode", MODES), ("metric", METRICS), ("act_search", ACT_SEARCHES),
+                       ("start", STARTS)):
         if p[k] not in allowed:
             raise ValueError(f"{k} must be one of {', '.join(allowed)}, got {p[k]!r}")
     return p
@@ -687,10 +692,24 @@ def _dequant(W, grid, S, bits, symmetric: bool = False):
 
 def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w_bits: int,
                  a_bits: int, params: dict) -> LayerQuant:
-    """PTQ-SL per-layer pipeline (see the module docstring)."""
+    """PTQ-SL per-layer pipeline (see the module docstring). ``start="best"`` runs the
+    pipeline from both starts (``act`` and ``max``) and keeps the result with the lower
+    layer-output error (``act`` on a tie), so it is never worse than either."""
     if target is None:
         raise ValueError(f"layer {layer.name}: ptqsl needs the float network's layer output")
     p = check_params(params)
+    if p["start"] != "best":
+        return _ptqsl_pipeline(layer, x, target, gran, w_bits, a_bits, p)
+    t0 = time.perf_counter()
+    qa = _ptqsl_pipeline(layer, x, target, gran, w_bits, a_bits, {**p, "start": "act"})
+    qm = _ptqsl_pipeline(layer, x, target, gran, w_bits, a_bits, {**p, "start": "max"})
+    q = qm if qm.info["err"] < qa.info["err"] else qa
+    q.info.update(start="best", start_chosen=q.info["start"], err_start_act=qa.info["err"],
+                  err_start_max=qm.info["err"], seconds=time.perf_counter() - t0)
+    return q
+
+
+def _ptqsl_pipeline(layer, x, target, gran, w_bits, a_bits, p) -> LayerQuant:
     metric, t_start = p["metric"], time.perf_counter()
     grid = gran.resolve(layer.O, layer.K, layer.groups)
     sym, uns = p["symmetric"], p["act_unsigned"]
@@ -704,9 +723,12 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     W_max = _dequant(W, grid, S_max, w_bits, sym)
     times = {}
 
-    # 1. activation scale with float weights
+    # 1. activation scale with float weights (start "max": skipped, Algorithm 1 first at s_max)
     t0 = time.perf_counter()
-    s1, e1, ev1 = search_act_scale(prob, W32, act_grid, s_max, metric, p["act_search"])
+    if p["start"] == "max":
+        s1, e1, ev1 = s_max, prob.error(W32, s_max, metric), 1
+    else:
+        s1, e1, ev1 = search_act_scale(prob, W32, act_grid, s_max, metric, p["act_search"])
     times["act1_s"] = time.perf_counter() - t0
 
     # 2. Algorithm 1 with s_x = s1 fixed; 3. activation scale again with the quantized weights;
@@ -745,6 +767,7 @@ def ptqsl_method(layer: GemmLayer, x: torch.Tensor, target, gran: Granularity, w
     if fallback:
         S, s3, e3 = S_max, s_max, err_max
     info = {"method": "ptqsl", "metric": metric, "mode": p["mode"], "act_search": p["act_search"],
+            "start": p["start"],
             "err_max": err_max, "err_init": err_init, "err_act1": e1, "err": e3,
             "rounds": rounds_done, "changes": changes, "act_evals": ev1 + ev3,
             "fallback": fallback, "seconds": time.perf_counter() - t_start,

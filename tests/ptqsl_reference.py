@@ -193,16 +193,20 @@ def act_search(L: Layer, W_hat: np.ndarray, grid, current: float, a_bits: int, s
 
 
 def pipeline(L: Layer, r: int, c: int, w_bits: int, a_bits: int, factors, rounds: int,
-             symmetric: bool = False):
+             symmetric: bool = False, start: str = "act"):
     """The paper's per-layer PTQ-SL (Euclidean, every activation candidate tried):
     1. search ``s_x`` with float weights; 2. Algorithm 1 with ``s_x`` fixed; 3. search ``s_x``
     again with the quantized weights; plus pimsim's documented step 4: keep max calibration if
-    the result is worse than it on Eq. 6.
+    the result is worse than it on Eq. 6. ``start="max"`` (PTQ4ViT's order): no step 1,
+    Algorithm 1 runs at the max-calibrated ``s_x``.
 
     Returns a dict: ``S``, ``s_x``, ``err`` (Eq. 6 of the result), ``err_max``, ``margin``."""
     s_max = L.absmax / (2 ** (a_bits - 1) - 1)
     grid = np.asarray(factors) * s_max
-    s1, _, m1 = act_search(L, L.W, grid, s_max, a_bits, symmetric)
+    if start == "max":
+        s1, m1 = s_max, np.inf
+    else:
+        s1, _, m1 = act_search(L, L.W, grid, s_max, a_bits, symmetric)
     S, m2, _ = coordinate_descent(L, L.xq(s1, a_bits, symmetric), r, c, w_bits, factors, rounds,
                                   symmetric=symmetric)
     W_hat = dequant_tiles(L.W, S, r, c, w_bits, symmetric)

@@ -176,3 +176,37 @@ def test_ptqsl_pipeline_brute_force(kind, gran, symmetric):
         assert got == pytest.approx(want["err"], rel=1e-12)
         assert got >= joint * (1 - 1e-12)
         print(f"{kind} {gran} seed {seed}: PTQ-SL / joint optimum - 1 = {got / joint - 1:.3g}")
+
+
+@pytest.mark.parametrize("kind,gran", [("linear", Granularity.channelwise()),
+                                       ("conv", Granularity.split(3, 2))], ids=str)
+def test_ptqsl_start_max_and_best_brute_force(kind, gran):
+    """``start="max"`` = the reference pipeline without step 1 (Algorithm 1 at the max
+    activation scale, then the activation search); ``start="best"`` = whichever of the two
+    reference pipelines has the lower Eq. 6 error. The data must make the two starts differ
+    somewhere, or the test could not tell them apart."""
+    n_act = 12
+    params = {"alpha": 0.5, "beta": 1.2, "candidates": n_act, "rounds": 3, "act_search": "grid"}
+    factors = np.linspace(0.5, 1.2, n_act)
+    w_bits, a_bits = 3, 3
+    differ, picks = 0, set()
+    for seed in range(6):
+        layer, L, x, t = tiny(kind, seed, O=2 if gran.kind == "channelwise" else 3)
+        grid = gran.resolve(layer.O, layer.K)
+        want = {st: ref.pipeline(L, grid.r, grid.c, w_bits, a_bits, factors, 3, start=st)
+                for st in ("act", "max")}
+        assert min(w["margin"] for w in want.values()) > MARGIN, f"seed {seed}: a near tie"
+        q = ptqsl.ptqsl_method(layer, x, t, gran, w_bits, a_bits, {**params, "start": "max"})
+        assert q.act_scale == pytest.approx(want["max"]["s_x"], rel=1e-14), seed
+        np.testing.assert_allclose(q.w_scales, want["max"]["S"], rtol=1e-14)
+        assert q.info["err"] == pytest.approx(want["max"]["err"], rel=1e-5)
+        b = ptqsl.ptqsl_method(layer, x, t, gran, w_bits, a_bits, {**params, "start": "best"})
+        pick = "max" if want["max"]["err"] < want["act"]["err"] else "act"
+        assert b.info["start_chosen"] == pick, seed
+        np.testing.assert_allclose(b.w_scales, want[pick]["S"], rtol=1e-14)
+        assert b.info["err"] == pytest.approx(min(w["err"] for w in want.values()), rel=1e-5)
+        differ += not np.array_equal(want["act"]["S"], want["max"]["S"])
+        picks.add(pick)
+    assert differ > 0
+    if kind == "conv":
+        assert picks == {"act", "max"}          # "best" took each start at least once

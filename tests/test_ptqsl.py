@@ -66,7 +66,7 @@ def test_defaults():
     p = ptqsl.check_params({})
     assert p == {"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3, "mode": "gram",
                  "metric": "euclidean", "act_search": "golden", "alternate": 1,
-                 "symmetric": False, "act_unsigned": False}
+                 "start": "act", "symmetric": False, "act_unsigned": False}
     f = ptqsl.candidate_factors(p)
     assert len(f) == 100 and f[0] == 0.5 and f[-1] == pytest.approx(1.2)
 
@@ -76,7 +76,7 @@ def test_defaults():
     ("beta", float("inf")), ("beta", 0.4),            # beta < alpha
     ("candidates", 0), ("candidates", 2.5), ("candidates", True),
     ("rounds", 0), ("rounds", "3"), ("alternate", 0), ("alternate", 1.5),
-    ("mode", "fast"), ("metric", "l1"), ("act_search", "brent"), ("bogus", 1),
+    ("mode", "fast"), ("metric", "l1"), ("act_search", "brent"), ("start", "min"), ("bogus", 1),
     ("symmetric", 1), ("symmetric", "yes"),
 ])
 def test_bad_params(key, value):
