@@ -31,13 +31,15 @@ from pimsim.ptqsl import ptqsl_method
 from pimsim.quant import Granularity
 
 PAPER = {"candidates": 100, "rounds": 3, "alpha": 0.5, "beta": 1.2, "metric": "euclidean",
-         "alternate": 1, "start": "act"}
+         "alternate": 1, "start": "act", "extend": None}
 VARIANTS = {
     "paper": {},
     "alternate5": {"alternate": 5},
     "start-best": {"start": "best"},
     "alpha0.1x300": {"alpha": 0.1, "candidates": 300},
     "combined": {"alpha": 0.1, "candidates": 300, "alternate": 5, "start": "best"},
+    "extend0.1": {"extend": 0.1},
+    "extend0.1-alternate5": {"extend": 0.1, "alternate": 5},
 }
 FIELDS = ["model", "tile", "variant", "params", "seed", "layer", "err_paper", "err", "ratio",
           "paper_s", "seconds"]

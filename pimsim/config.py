@@ -154,7 +154,7 @@ class QuantSection:
                           "||Y-Ŷ|| or cosine 1-cos(Y,Ŷ)", one_of(("euclidean", "cosine")))
     search: dict = setting(doc="PTQ-SL / mse search: candidates linear in [alpha, beta] x max "
                            "init, rounds of Algorithm 1, mode gram|direct, act_search "
-                           "golden|grid, alternate, start act|max|best", check=_search,
+                           "golden|grid, alternate, start act|max|best, extend", check=_search,
                            factory=lambda: {k: SEARCH_DEFAULTS[k] for k in _SEARCH_YAML})
     calib_images: int = setting(128, "calibration images drawn from the training split "
                                 "(CIFAR-10: data_batch_1)", int_in(1, 10000))

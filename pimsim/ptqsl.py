@@ -91,6 +91,10 @@ class SearchParams:
     start: str = setting("act", "act: step 1 searches s_x with float weights (the paper); "
                          "max: Algorithm 1 first, at the max-calibrated s_x (PTQ4ViT's order); "
                          "best: run both, keep the lower layer-output error")
+    extend: float | None = setting(None, "null, or a factor below alpha: after the pipeline, "
+                                   "one more {Algorithm 1, activation search} from its result "
+                                   "with the candidates extended down to extend x init at "
+                                   "the same spacing (never worse: the old candidates stay)")
     symmetric: bool = setting(False, "integers in [-(2^(b-1)-1), 2^(b-1)-1] (crossbar storage)")
     act_unsigned: bool = setting(False, "activations in [0, 2^b - 1] (set per layer by "
                                  "pimsim.calibrate from quant.act_signed)")
@@ -139,6 +143,12 @@ def check_params(params: dict | None) -> dict:
             raise ValueError(f"{k} must be an integer in 1..1000, got {p[k]!r}")
     p["candidates"], p["rounds"], p["alternate"] = (int(p["candidates"]), int(p["rounds"]),
                                                     int(p["alternate"]))
+    if p["extend"] is not None:
+        e = p["extend"]
+        if not _number(e) or not math.isfinite(e) or not 0 < e < p["alpha"]:
+            raise ValueError(f"extend must be null or a number in (0, alpha = {p['alpha']}), "
+                             f"got {e!r}")
+        p["extend"] = float(e)
     for k in ("symmetric", "act_unsigned"):
         if not isinstance(p[k], (bool, np.bool_)):
             raise ValueError(f"{k} must be true or false, got {p[k]!r}")
@@ -153,6 +163,19 @@ def check_params(params: dict | None) -> dict:
 def candidate_factors(p: dict) -> np.ndarray:
     """The n multipliers of the init scale: linear in [alpha, beta] (float64)."""
     return np.linspace(p["alpha"], p["beta"], p["candidates"], dtype=np.float64)
+
+
+def extended_factors(p: dict) -> np.ndarray:
+    """``candidate_factors(p)`` with more factors below ``alpha`` down to ``p["extend"]`` at the
+    grid's own spacing (the old factors kept bit for bit, ascending)."""
+    f = candidate_factors(p)
+    if p["extend"] is None:
+        return f
+    step = (p["beta"] - p["alpha"]) / (len(f) - 1) if len(f) > 1 else p["alpha"] - p["extend"]
+    n_ext = int(math.ceil((p["alpha"] - p["extend"]) / step - 1e-9))
+    low = p["alpha"] - step * np.arange(n_ext, 0, -1, dtype=np.float64)
+    low[0] = max(low[0], p["extend"])
+    return np.concatenate([low[low >= p["extend"] * (1 - 1e-12)], f])
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,6 +783,27 @@ def _ptqsl_pipeline(layer, x, target, gran, w_bits, a_bits, p) -> LayerQuant:
         if same:
             break
 
+    # extend: one more Algorithm 1 and activation search from the result, on the extended
+    # candidates (the result's own scales among them, so neither step can make it worse)
+    if p["extend"] is not None:
+        f_ext = extended_factors(p)
+        t0 = time.perf_counter()
+        ev = GramEval(prob.gram_stats(s3), prob.bias, metric) if p["mode"] == "gram" else \
+            DirectEval(*prob.direct_data(s3), prob.bias, metric)
+        times["stats_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        S, ainfo = algorithm1(W, grid, w_bits, f_ext, p["rounds"], ev, metric, prob.t2, sym,
+                              S_init=S)
+        times["search_s"] += time.perf_counter() - t0
+        rounds_done += ainfo["rounds"]
+        changes += ainfo["changes"]
+        t0 = time.perf_counter()
+        s3, e3, n_ev = search_act_scale(prob, _dequant(W, grid, S, w_bits, sym), f_ext * s_max,
+                                        s3, metric, p["act_search"])
+        ev3 += n_ev
+        times["act2_s"] += time.perf_counter() - t0
+        errs.append(e3)
+
     # 4. never worse than max calibration on the layer objective
     err_max = prob.error(W_max, s_max, metric)
     err_init = prob.error(W_max, s1, metric)
@@ -767,7 +811,7 @@ def _ptqsl_pipeline(layer, x, target, gran, w_bits, a_bits, p) -> LayerQuant:
     if fallback:
         S, s3, e3 = S_max, s_max, err_max
     info = {"method": "ptqsl", "metric": metric, "mode": p["mode"], "act_search": p["act_search"],
-            "start": p["start"],
+            "start": p["start"], "extend": p["extend"],
             "err_max": err_max, "err_init": err_init, "err_act1": e1, "err": e3,
             "rounds": rounds_done, "changes": changes, "act_evals": ev1 + ev3,
             "fallback": fallback, "seconds": time.perf_counter() - t_start,

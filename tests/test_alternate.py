@@ -6,6 +6,7 @@ run again from the result, can improve it)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from pimsim import ptqsl
@@ -100,3 +101,62 @@ def test_bad_alternate_in_yaml_is_one_line():
         assert str(e.value).startswith("c.yaml: quant.search: ")
         assert "alternate must be an integer in 1..1000" in str(e.value)
         assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# quant.search.extend: a refinement pass on candidates extended below alpha
+# --------------------------------------------------------------------------------------------
+
+def test_extended_factors_keep_the_grid_and_its_spacing():
+    p = ptqsl.check_params({"candidates": 15, "alpha": 0.5, "beta": 1.2, "extend": 0.1})
+    f, e = ptqsl.candidate_factors(p), ptqsl.extended_factors(p)
+    np.testing.assert_array_equal(e[-len(f):], f)                      # the old grid, bit for bit
+    step = (1.2 - 0.5) / 14
+    np.testing.assert_allclose(np.diff(e)[1:], step, rtol=1e-9)       # same spacing below alpha
+    assert e[0] == pytest.approx(0.1) and 0 < e[1] - e[0] <= step * (1 + 1e-9)
+    assert len(ptqsl.extended_factors(ptqsl.check_params({}))) == 100   # extend null: the grid
+
+
+@pytest.mark.parametrize("value", [0.5, 0.6, 0.0, -0.1, float("nan"), "0.1", True])
+def test_extend_must_lie_below_alpha(value):
+    with pytest.raises(ValueError, match="extend"):
+        ptqsl.check_params({"alpha": 0.5, "extend": value})
+
+
+@pytest.mark.parametrize("kind,O,C,gran,wb", CASES)
+def test_extend_is_never_worse_and_starts_from_the_pipeline(kind, O, C, gran, wb):
+    for seed in range(3):
+        layer, x, t = make_problem(kind, O, C, seed=seed, noise=0.2)
+        q1 = ptqsl.ptqsl_method(layer, x, t, gran, wb, 8, P)
+        qe = ptqsl.ptqsl_method(layer, x, t, gran, wb, 8, {**P, "extend": 0.1})
+        assert qe.info["err_per_alternation"][0] == q1.info["err"]    # the pipeline, then more
+        assert qe.info["err"] <= q1.info["err"] * (1 + 1e-9)
+        assert len(qe.info["err_per_alternation"]) == 2
+
+
+def test_extend_reaches_below_alpha_where_clipping_pays():
+    """One outlier per row: the best scale clips it, far below 0.5 x the max init. The refined
+    scales go below alpha, the error drops, and the result is what the paper's building blocks
+    give from the pipeline's scales on the extended candidates (an independent composition)."""
+    layer, x, _ = make_problem("linear", 6, 24, B=40, seed=5, noise=0.0)
+    w = layer.weight_matrix().copy()
+    w[:, 0] = 8 * np.abs(w).max()                      # an outlier column whose input is 0
+    layer.set_weight_matrix(w)
+    x = x.clone()
+    x[:, 0] = 0.0
+    with torch.no_grad():
+        t = layer.float_forward(x)
+    gran = Granularity.channelwise()
+    q1 = ptqsl.ptqsl_method(layer, x, t, gran, 3, 8, P)
+    qe = ptqsl.ptqsl_method(layer, x, t, gran, 3, 8, {**P, "extend": 0.05})
+    grid = gran.resolve(layer.O, layer.K, layer.groups)
+    W = layer.weight_matrix().astype(np.float64)
+    S0 = max_scales(W, grid, 3)
+    assert (q1.w_scales / S0).min() >= 0.5 - 1e-12
+    assert (qe.w_scales / S0).min() < 0.5 and qe.info["err"] < 0.5 * q1.info["err"]
+    p = ptqsl.check_params({**P, "extend": 0.05})
+    prob = ptqsl.LayerProblem(layer, x, t, 8)
+    ev = ptqsl.GramEval(prob.gram_stats(q1.act_scale), prob.bias, "euclidean")
+    S, _ = ptqsl.algorithm1(W, grid, 3, ptqsl.extended_factors(p), 3, ev, "euclidean", prob.t2,
+                            S_init=q1.w_scales)
+    np.testing.assert_array_equal(qe.w_scales, S)

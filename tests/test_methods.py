@@ -93,7 +93,7 @@ def test_registered_method_from_yaml_through_calibrate(toy):
     assert all(c[1] for c in toy)                             # needs_target -> a target
     assert toy[0][2] == {"alpha": 0.5, "beta": 1.2, "candidates": 7, "rounds": 3,
                          "mode": "gram", "act_search": "golden", "metric": "euclidean",
-                         "alternate": 1, "start": "act"}
+                         "alternate": 1, "start": "act", "extend": None}
     for l in net.layers:                                      # the toy's scales, by hand
         expect = np.abs(w0[l.name]).max(1) / 3 * 0.5
         np.testing.assert_allclose(l.quant.w_scales.reshape(-1), expect, rtol=1e-12)

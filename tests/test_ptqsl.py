@@ -66,7 +66,7 @@ def test_defaults():
     p = ptqsl.check_params({})
     assert p == {"alpha": 0.5, "beta": 1.2, "candidates": 100, "rounds": 3, "mode": "gram",
                  "metric": "euclidean", "act_search": "golden", "alternate": 1,
-                 "start": "act", "symmetric": False, "act_unsigned": False}
+                 "start": "act", "extend": None, "symmetric": False, "act_unsigned": False}
     f = ptqsl.candidate_factors(p)
     assert len(f) == 100 and f[0] == 0.5 and f[-1] == pytest.approx(1.2)
 
